@@ -1,0 +1,226 @@
+"""LightningDataModules whose batch for global step s is a pure function of (seed, s, rank).
+
+Why step-indexed, map-style datasets: resuming at step k needs no replay, no sampler state and no
+RNG state; it is exact with any number of workers; every rank takes the same number of steps; and
+the curriculum stage of a batch follows from its step. A `StepSampler` simply starts at the
+trainer's restored global step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from functools import lru_cache
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sora_lightning.data.clips import decode_sample, fit_clip, frame_indices, to_model_range, valid_length
+from sora_lightning.data.latent_cache import CachedSample, load_cache
+from sora_lightning.data.packing import PackedBatch, pack_samples, plan_packs
+from sora_lightning.data.shards import RawSample, load_samples
+from sora_lightning.train.curriculum import Curriculum, Stage
+
+log = logging.getLogger(__name__)
+
+
+def step_rng(*keys: int) -> np.random.Generator:
+    """An RNG owned by one (seed, step, rank, ...) tuple: reproducible without saved state."""
+    return np.random.default_rng([int(k) for k in keys])
+
+
+class StepSampler(Sampler[int]):
+    """Yields global step indices from the trainer's current step, so resume continues in place."""
+
+    def __init__(self, start_fn, num_steps: int) -> None:
+        self.start_fn = start_fn
+        self.num_steps = num_steps
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(int(self.start_fn()), self.num_steps))
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps - int(self.start_fn()))
+
+
+class VAEStepDataset(Dataset):
+    """Random crops of raw clips and images for VAE training (frames 1 + 4k, same shape per step)."""
+
+    def __init__(self, samples: list[RawSample], *, batch_size: int, crop: int, frame_choices: tuple[int, ...],
+                 max_area: int, multiple: int, seed: int, rank: int = 0) -> None:
+        if not samples:
+            raise ValueError("VAE training needs at least one readable sample; check data.shards")
+        self.samples, self.batch_size, self.crop = samples, batch_size, crop
+        self.frame_choices, self.max_area, self.multiple = frame_choices, max_area, multiple
+        self.seed, self.rank = seed, rank
+        self._frames = lru_cache(maxsize=4096)(self._decode)
+
+    def _decode(self, index: int) -> np.ndarray:
+        frames, _ = decode_sample(self.samples[index])
+        return fit_clip(frames, max_area=self.max_area, multiple=self.multiple)
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, step: int) -> Tensor:
+        rng = step_rng(self.seed, step, self.rank, 11)
+        length = int(rng.choice(self.frame_choices))
+        crops = [self._crop(int(rng.integers(len(self.samples))), length, rng) for _ in range(self.batch_size)]
+        return torch.stack(crops)  # [B, 3, T, crop, crop]
+
+    def _crop(self, index: int, length: int, rng: np.random.Generator) -> Tensor:
+        frames = self._frames(index)
+        num = valid_length(len(frames))
+        idx = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
+        clip = frames[idx]
+        if len(idx) < length:  # short clip: repeat the last frame so every crop in the batch shares T
+            clip = np.concatenate([clip, np.repeat(clip[-1:], length - len(idx), axis=0)])
+        top = int(rng.integers(0, clip.shape[1] - self.crop + 1))
+        left = int(rng.integers(0, clip.shape[2] - self.crop + 1))
+        return to_model_range(clip[:, top : top + self.crop, left : left + self.crop])
+
+
+class PackStepDataset(Dataset):
+    """Packed DiT batches from cached latents, shaped by the curriculum stage of each step."""
+
+    def __init__(self, samples: list[CachedSample], null_text: Tensor, latent_mean: Tensor, latent_std: Tensor,
+                 curriculum: Curriculum, *, patch_size: tuple[int, int, int], spatial_factor: int,
+                 temporal_factor: int, seed: int, caption_probs: dict[str, float], text_dropout: float,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not samples:
+            raise ValueError("the latent cache is empty")
+        self.samples, self.null_text, self.curriculum = samples, null_text, curriculum
+        self.mean, self.std = latent_mean.view(-1, 1, 1, 1), latent_std.view(-1, 1, 1, 1)
+        self.patch, self.spatial, self.temporal = tuple(patch_size), spatial_factor, temporal_factor
+        self.seed, self.caption_probs, self.text_dropout = seed, caption_probs, text_dropout
+        self.rank, self.world_size = rank, world_size
+        self._plans: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def _plan(self, stage_index: int, epoch: int) -> list[list[tuple[int, int]]]:
+        """Packs of (sample id, latent frames) for one pass over the data in one stage."""
+        if (stage_index, epoch) not in self._plans:
+            stage = self.curriculum.stages[stage_index]
+            rng = step_rng(self.seed, stage_index, epoch, 7)
+            chosen = [(i, f) for i in rng.permutation(len(self.samples)) if (f := self._frames_for(int(i), stage, rng))]
+            if not chosen:
+                raise ValueError(f"stage {stage.name!r}: no cached sample fits (area cap {stage.max_area}); cache at a smaller size")
+            lengths = [self._tokens(i, f) for i, f in chosen]
+            self._plans = {k: v for k, v in self._plans.items() if k[0] == stage_index and k[1] >= epoch - 1}
+            self._plans[(stage_index, epoch)] = [[chosen[j] for j in pack] for pack in plan_packs(lengths, stage.token_budget)]
+        return self._plans[(stage_index, epoch)]
+
+    def _frames_for(self, index: int, stage: Stage, rng: np.random.Generator) -> int:
+        """Latent frames this sample contributes in `stage` (0 = excluded by the area cap)."""
+        _, frames, height, width = self.samples[index].latent.shape
+        if height * width * self.spatial**2 > stage.max_area:
+            return 0
+        native = 1 + (frames - 1) * self.temporal
+        if stage.is_image_stage or frames == 1 or rng.random() < stage.image_fraction:
+            return 1
+        choices = [t for t in range(stage.frames[0], stage.frames[1] + 1, 4) if t <= native]
+        pixel_frames = int(rng.choice(choices)) if choices else valid_length(native)
+        return 1 + (pixel_frames - 1) // self.temporal
+
+    def _tokens(self, index: int, frames: int) -> int:
+        _, _, height, width = self.samples[index].latent.shape
+        return (frames // self.patch[0]) * (height // self.patch[1]) * (width // self.patch[2])
+
+    def pack_for(self, step: int) -> tuple[Stage, list[tuple[int, int]]]:
+        """The (sample, frames) list this rank trains on at global `step`."""
+        stage_index, in_stage = self.curriculum.stage_at(step)
+        global_pack = in_stage * self.world_size + self.rank
+        epoch = 0
+        while global_pack >= len(plan := self._plan(stage_index, epoch)):
+            global_pack -= len(plan)
+            epoch += 1
+        return self.curriculum.stages[stage_index], plan[global_pack]
+
+    def __getitem__(self, step: int) -> PackedBatch:
+        stage, items = self.pack_for(step)
+        rng = step_rng(self.seed, step, self.rank, 3)
+        latents, texts, cond = [], [], []
+        for index, frames in items:
+            sample = self.samples[index]
+            latent = (sample.latent[:, :frames] - self.mean) / self.std  # causal prefix = shorter clip
+            latents.append(latent.float())
+            texts.append(self._caption(sample, rng))
+            use_cond = frames > 1 and rng.random() < stage.cond_probability
+            cond.append(int(rng.integers(1, frames)) if use_cond else 0)
+        return pack_samples(latents, texts, self.patch, stage.token_budget, cond_frames=cond)
+
+    def _caption(self, sample: CachedSample, rng: np.random.Generator) -> Tensor:
+        """Pick a caption form, or the empty caption (text dropout) so CFG has an unconditional model."""
+        if rng.random() < self.text_dropout:
+            return self.null_text.float()
+        kinds = [k for k in self.caption_probs if k in sample.texts] or sorted(sample.texts)
+        weights = np.array([self.caption_probs.get(k, 1.0) for k in kinds], dtype=np.float64)
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        return sample.texts[kind].float()
+
+
+def _identity(batch):
+    return batch
+
+
+class _StepDataModule(L.LightningDataModule):
+    """Shared plumbing: a step-indexed dataset behind a sampler that starts at the global step."""
+
+    def __init__(self, num_workers: int = 0) -> None:
+        super().__init__()
+        self.num_workers = num_workers
+        self.dataset: Dataset | None = None
+        self.num_steps = 0
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _current_step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = StepSampler(self._current_step, self.num_steps)
+        return DataLoader(self.dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
+                          num_workers=self.num_workers, persistent_workers=False)
+
+
+class VAEDataModule(_StepDataModule):
+    """Raw shards -> random crops for the VAE."""
+
+    def __init__(self, shards: list[str], *, batch_size: int, crop: int, frame_choices: tuple[int, ...],
+                 max_area: int, multiple: int, seed: int, num_steps: int, num_workers: int = 0) -> None:
+        super().__init__(num_workers)
+        self.shards, self.kwargs = shards, dict(batch_size=batch_size, crop=crop, frame_choices=tuple(frame_choices),
+                                                max_area=max_area, multiple=multiple, seed=seed)
+        self.num_steps = num_steps
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, _ = self._rank_world()
+        self.dataset = VAEStepDataset(load_samples(self.shards), rank=rank, **self.kwargs)
+
+
+class DiTDataModule(_StepDataModule):
+    """Cached latents -> curriculum-shaped packed batches for the DiT."""
+
+    def __init__(self, cache_dir: str, curriculum: Curriculum, *, expected_key: str | None, patch_size, spatial_factor: int,
+                 temporal_factor: int, seed: int, caption_probs: dict[str, float], text_dropout: float,
+                 num_steps: int, num_workers: int = 0) -> None:
+        super().__init__(num_workers)
+        self.cache_dir, self.expected_key, self.curriculum = cache_dir, expected_key, curriculum
+        self.kwargs = dict(patch_size=tuple(patch_size), spatial_factor=spatial_factor, temporal_factor=temporal_factor,
+                           seed=seed, caption_probs=dict(caption_probs), text_dropout=text_dropout)
+        self.num_steps = num_steps
+        self.meta: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = self._rank_world()
+        samples, null_text, self.meta = load_cache(self.cache_dir, self.expected_key)
+        mean, std = torch.tensor(self.meta["latent_mean"]), torch.tensor(self.meta["latent_std"])
+        self.dataset = PackStepDataset(samples, null_text, mean, std, self.curriculum, rank=rank, world_size=world, **self.kwargs)
+        log.info("DiT data: %d cached samples from %s", len(samples), self.cache_dir)

@@ -1,0 +1,122 @@
+"""Rectified flow: timesteps, shift, training targets, loss and samplers as pure tensor functions.
+
+Convention (shared with the DiT and the data contract): x_t = (1 - t) * x0 + t * noise, so t = 1 is
+pure noise and t = 0 is data; the network predicts the velocity v = noise - x0 = dx_t/dt.
+Samplers integrate from t = 1 down to t = 0.
+
+Shape legend: B samples, L packed tokens, P values per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+"""velocity(x_t [L, P], t [B]) -> v [L, P]; CFG and packing live inside the closure."""
+
+
+def sample_logit_normal(num: int, *, mean: float = 0.0, std: float = 1.0,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Logit-normal t in (0, 1): SD3's choice, it spends training on the mid-noise levels that matter."""
+    normal = torch.randn(num, generator=generator) * std + mean
+    return torch.sigmoid(normal)
+
+
+def shift_timesteps(t: Tensor, shift: Tensor | float) -> Tensor:
+    """SD3 shift t' = s*t / (1 + (s-1)*t): more noise for larger s, i.e. for samples with more tokens."""
+    shift = torch.as_tensor(shift, dtype=t.dtype, device=t.device)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def resolution_shift(num_tokens: Tensor, *, base_tokens: int = 256, max_tokens: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> Tensor:
+    """Shift factor exp(mu), mu linear in token count (SD3/Flux): big videos need noisier schedules
+    because more tokens average away the same per-token noise."""
+    num_tokens = torch.as_tensor(num_tokens, dtype=torch.float64)
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    mu = base_shift + slope * (num_tokens - base_tokens)
+    return torch.exp(mu).float()
+
+
+def add_noise(x0: Tensor, noise: Tensor, t_tokens: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t noise with a per-token t [L] (each token carries its sample's t)."""
+    t = t_tokens.to(x0.dtype).unsqueeze(-1)
+    return (1.0 - t) * x0 + t * noise
+
+
+def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """The rectified-flow regression target v = noise - x0 (constant along the straight path)."""
+    return noise - x0
+
+
+def flow_loss(pred: Tensor, target: Tensor, sample_index: Tensor, num_samples: int,
+              loss_mask: Tensor | None = None, sample_weights: Tensor | None = None) -> Tensor:
+    """MSE averaged per sample, then over samples, so a long video and an image weigh the same.
+
+    loss_mask [L] (1 = token is generated, 0 = clean conditioning) keeps conditioning frames out.
+    """
+    per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    mask = torch.ones_like(per_token) if loss_mask is None else loss_mask.float()
+    sums = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_index, per_token * mask)
+    counts = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_index, mask)
+    valid = counts > 0
+    per_sample = sums[valid] / counts[valid]
+    if sample_weights is not None:
+        weights = sample_weights[valid].float()
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+    return per_sample.mean()
+
+
+def sampling_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
+    """Timesteps [num_steps + 1] from 1 to 0, shifted like training so big samples start noisier."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift_timesteps(t, shift).float()
+
+
+def euler_sample(velocity: Velocity, noise: Tensor, schedule: Tensor, num_samples: int,
+                 on_step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """First-order ODE solve x_{t_next} = x_t + (t_next - t) v. `on_step` re-imposes conditioning."""
+    x = noise
+    for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
+        v = velocity(x, t_cur.repeat(num_samples))
+        x = x + (t_next - t_cur) * v
+        x = on_step(x) if on_step is not None else x
+    return x
+
+
+def heun_sample(velocity: Velocity, noise: Tensor, schedule: Tensor, num_samples: int,
+                on_step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Second-order (Heun) solve: averages the slopes at both ends; the last step falls back to Euler."""
+    x = noise
+    for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
+        v_cur = velocity(x, t_cur.repeat(num_samples))
+        x_euler = x + (t_next - t_cur) * v_cur
+        if float(t_next) > 0.0:
+            v_next = velocity(x_euler, t_next.repeat(num_samples))
+            x = x + (t_next - t_cur) * 0.5 * (v_cur + v_next)
+        else:
+            x = x_euler
+        x = on_step(x) if on_step is not None else x
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler_sample, "heun": heun_sample}
+
+
+def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: push the prediction away from the unconditional one."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def cosine_warmup_lr(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warmup, then cosine decay to `min_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

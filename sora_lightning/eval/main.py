@@ -1,0 +1,52 @@
+"""`sora-eval`: generate the held-out prompts and score colour, shape and motion adherence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from sora_lightning.eval.evaluate import evaluate
+from sora_lightning.sample.generate import SampleOptions, load_generator
+from sora_lightning.train.main import CONF_DIR
+from sora_lightning.utils import write_json_atomic
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Write `eval.json` with accuracies, the detector's accuracy on truth, and chance levels."""
+    generator = load_generator(cfg.ckpt)
+
+    def generate(prompt: str, seed: int):
+        options = SampleOptions(
+            frames=cfg.frames,
+            height=cfg.height,
+            width=cfg.width,
+            steps=cfg.steps,
+            cfg_scale=cfg.cfg_scale,
+            sampler=cfg.sampler,
+            seed=seed,
+        )
+        return generator.generate(prompt, options).frames
+
+    scores = evaluate(generate, num_seeds=cfg.num_seeds, truth_clips=cfg.truth_clips)
+    scores["settings"] = {
+        k: cfg[k] for k in ("frames", "height", "width", "steps", "cfg_scale", "sampler")
+    }
+    write_json_atomic(Path(cfg.out_dir) / "eval.json", scores)
+    print(
+        {
+            k: scores[k]
+            for k in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance")
+        }
+    )
+    return scores
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_eval(cfg)
+
+
+if __name__ == "__main__":
+    main()

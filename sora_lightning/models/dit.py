@@ -1,0 +1,377 @@
+"""Spacetime-patch diffusion transformer (DiT) over packed batches of videos of any shape.
+
+Shape legend: B batch, C latent channels, F latent frames, H, W latent height/width,
+L video tokens of a packed batch, S packed text tokens, D hidden, P = C * pt * ph * pw values
+per token, Dt text-encoder width.
+
+Design (DiT, PixArt-alpha, Wan): a Linear patch embedding (equal to a Conv3d with
+kernel = stride = patch), a caption MLP, a timestep embedder feeding adaLN-single
+modulation (one shared projection to 6 vectors per sample plus a learned per-block table, both
+zero-initialised: adaLN-Zero), blocks of modulated self-attention with QK-norm and 3D RoPE,
+cross-attention to the packed caption tokens, and a modulated MLP; a zero-initialised final
+layer makes an untrained model predict zero velocity. Every sample keeps to itself: attention
+is varlen over `cu_seqlens` and modulation is gathered per token by sample index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sora_lightning.models.layers import (
+    ATTENTION_BACKENDS,
+    RMSNorm,
+    RotaryEmbedding3D,
+    TimestepEmbedder,
+    apply_rotary,
+    attention,
+    modulate,
+    rope_axis_dims,
+)
+from sora_lightning.models.patches import cu_to_sample_index
+
+NUM_MODULATIONS = 6  # shift, scale, gate for attention; shift, scale, gate for the MLP
+TIME_FREQUENCY_DIM = 256
+
+
+@dataclass
+class DiTConfig:
+    """Size and options of a DiT; presets live in conf/model/dit/*.yaml."""
+
+    in_channels: int = 4
+    """Latent channels C of the VAE the model is trained on."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Spacetime patch (pt, ph, pw) in latent units; one token per patch."""
+    hidden_size: int = 384
+    """Transformer width D."""
+    depth: int = 12
+    """Number of transformer blocks."""
+    num_heads: int = 6
+    """Attention heads; head_dim = hidden_size / num_heads."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of D (ignored when mlp_hidden_size is set)."""
+    mlp_hidden_size: int | None = None
+    """Explicit MLP hidden width, for presets copied from published models (Wan uses 8960)."""
+    text_dim: int = 384
+    """Width Dt of the text-encoder states (384 for MiniLM, 4096 for T5-XXL)."""
+    qk_norm: bool = True
+    """RMSNorm on queries and keys, which keeps attention logits bounded in long runs."""
+    use_conditioning: bool = True
+    """Add the clean-conditioning channel (image-to-video, extension): the patch embedding
+    reads concat(x, cond * mask, mask), i.e. 2P + 1 features per token."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward to trade compute for activation memory."""
+    attn_backend: str = "auto"
+    """"auto", "flash" (flash-attn varlen, CUDA) or "sdpa" (per-sample PyTorch SDPA)."""
+    rope_theta: float = 10000.0
+    """Base of the 3D rotary frequencies."""
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML gives a list
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints, got {self.patch_size}")
+        for name in ("in_channels", "hidden_size", "depth", "num_heads", "text_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        try:
+            rope_axis_dims(self.head_dim)
+        except ValueError as error:
+            raise ValueError(f"head_dim {self.head_dim} does not suit 3D RoPE: {error}") from None
+        if self.mlp_dim < 1:
+            raise ValueError(f"MLP width must be positive, got {self.mlp_dim}")
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attn_backend {self.attn_backend!r} not in {ATTENTION_BACKENDS}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        """Hidden width of each block's MLP."""
+        return self.mlp_hidden_size or int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """P: values per token in and out (C * pt * ph * pw)."""
+        pt, ph, pw = self.patch_size
+        return self.in_channels * pt * ph * pw
+
+    @property
+    def embed_in_dim(self) -> int:
+        """Features per token fed to the patch embedding (2P + 1 with the conditioning channel)."""
+        return 2 * self.patch_dim + 1 if self.use_conditioning else self.patch_dim
+
+
+class PackedLayout(NamedTuple):
+    """Per-batch bookkeeping every block needs: who owns which token, and RoPE angles."""
+
+    sample_index: Tensor  # [L] sample of each video token
+    cu_seqlens: Tensor  # [B+1]
+    text_cu_seqlens: Tensor  # [B+1]
+    max_seqlen: int
+    max_text_seqlen: int
+    rope_cos: Tensor  # [L, head_dim/2]
+    rope_sin: Tensor  # [L, head_dim/2]
+
+
+def _max_length(cu_seqlens: Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+class SelfAttention(nn.Module):
+    """Attention among one sample's video tokens, positions given by 3D RoPE."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor, layout: PackedLayout) -> Tensor:
+        """[L, D] -> [L, D]."""
+        qkv = self.qkv(x).unflatten(-1, (3, self.cfg.num_heads, self.cfg.head_dim))
+        q, k, v = qkv.unbind(1)  # each [L, heads, head_dim]
+        q = apply_rotary(self.q_norm(q), layout.rope_cos, layout.rope_sin)
+        k = apply_rotary(self.k_norm(k), layout.rope_cos, layout.rope_sin)
+        cu, max_len = layout.cu_seqlens, layout.max_seqlen
+        out = attention(q, k, v, cu, cu, max_len, max_len, backend=self.cfg.attn_backend)
+        return self.proj(out.flatten(1))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens of sample i read the caption tokens of sample i (no positions needed)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor, context: Tensor, layout: PackedLayout) -> Tensor:
+        """[L, D], [S, D] -> [L, D]."""
+        heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+        q = self.q_norm(self.q(x).unflatten(-1, (heads, head_dim)))  # [L, heads, head_dim]
+        k, v = self.kv(context).unflatten(-1, (2, heads, head_dim)).unbind(1)  # [S, heads, hd]
+        out = attention(
+            q,
+            self.k_norm(k),
+            v,
+            layout.cu_seqlens,
+            layout.text_cu_seqlens,
+            layout.max_seqlen,
+            layout.max_text_seqlen,
+            backend=self.cfg.attn_backend,
+        )
+        return self.proj(out.flatten(1))
+
+
+class MLP(nn.Sequential):
+    """Pointwise feed-forward D -> mlp_dim -> D with tanh-GELU (as DiT)."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__(
+            nn.Linear(cfg.hidden_size, cfg.mlp_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.mlp_dim, cfg.hidden_size),
+        )
+
+
+class DiTBlock(nn.Module):
+    """Modulated self-attention, cross-attention to text, modulated MLP; gates start at zero."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.self_attn = SelfAttention(cfg)
+        self.norm_cross = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm_mlp = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(cfg)
+        # adaLN-single: this block's learned offset to the shared per-sample modulation.
+        self.modulation = nn.Parameter(torch.zeros(NUM_MODULATIONS, cfg.hidden_size))
+
+    def forward(self, x: Tensor, context: Tensor, time_mod: Tensor, layout: PackedLayout) -> Tensor:
+        """x [L, D], context [S, D], time_mod [B, 6, D] -> [L, D]."""
+        mods = (time_mod + self.modulation)[layout.sample_index]  # [L, 6, D]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.unbind(1)  # each [L, D]
+        attn_in = modulate(self.norm_attn(x), shift_a, scale_a)  # [L, D]
+        x = x + gate_a * self.self_attn(attn_in, layout)  # [L, D]
+        x = x + self.cross_attn(self.norm_cross(x), context, layout)  # [L, D]
+        mlp_in = modulate(self.norm_mlp(x), shift_m, scale_m)  # [L, D]
+        return x + gate_m * self.mlp(mlp_in)  # [L, D]
+
+
+class FinalLayer(nn.Module):
+    """Modulated norm and a zero-initialised projection back to patch values."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Parameter(torch.zeros(2, cfg.hidden_size))
+        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_dim)
+
+    def forward(self, x: Tensor, time_emb: Tensor, sample_index: Tensor) -> Tensor:
+        """x [L, D], time_emb [B, D] -> [L, P]."""
+        shift, scale = (time_emb[:, None] + self.modulation)[sample_index].unbind(1)  # [L, D]
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Velocity model v(x_t, t, text) over a packed batch of videos of any shapes.
+
+    Build big models without allocating memory with `DiT.from_config_on_meta(cfg)` (or
+    `with torch.device("meta"): DiT(cfg)`), then `to_empty(device=...)` and `init_weights()`.
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden_size
+        self.patch_embed = nn.Linear(cfg.embed_in_dim, hidden)
+        self.text_embed = nn.Sequential(
+            nn.Linear(cfg.text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden)
+        )
+        self.time_embed = TimestepEmbedder(hidden, TIME_FREQUENCY_DIM)
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, NUM_MODULATIONS * hidden))
+        self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.init_weights()
+
+    @classmethod
+    def from_config_on_meta(cls, cfg: DiTConfig) -> DiT:
+        """A parameter-free skeleton (meta tensors) for counting or sharding before allocation."""
+        with torch.device("meta"):
+            return cls(cfg)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """DiT initialisation; modulation and output start at zero so every block is identity.
+
+        Public so a model materialised from the meta device can be initialised in place.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm | TimestepEmbedder):
+                module.reset_parameters()
+        for layer in (self.text_embed[0], self.text_embed[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        zero_init = [self.time_modulation[1], self.final_layer.linear]
+        for tensor in [p for m in zero_init for p in m.parameters()] + [
+            self.final_layer.modulation
+        ]:
+            nn.init.zeros_(tensor)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation)
+
+    def forward(
+        self,
+        x: Tensor,
+        cu_seqlens: Tensor,
+        grid_sizes: Tensor,
+        timesteps: Tensor,
+        text: Tensor,
+        text_cu_seqlens: Tensor,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Packed noisy tokens x [L, P] -> predicted velocity [L, P] (contract in common docs)."""
+        layout = self._layout(x, cu_seqlens, grid_sizes, timesteps, text, text_cu_seqlens)
+        tokens = self.patch_embed(self._embed_inputs(x, cond, cond_mask))  # [L, D]
+        context = self.text_embed(text)  # [S, D]
+        time_emb = self.time_embed(timesteps)  # [B, D]
+        time_mod = self.time_modulation(time_emb).unflatten(1, (NUM_MODULATIONS, -1))  # [B, 6, D]
+        for block in self.blocks:
+            tokens = self._run_block(block, tokens, context, time_mod, layout)  # [L, D]
+        return self.final_layer(tokens, time_emb, layout.sample_index)  # [L, P]
+
+    def _run_block(
+        self,
+        block: DiTBlock,
+        tokens: Tensor,
+        context: Tensor,
+        time_mod: Tensor,
+        layout: PackedLayout,
+    ) -> Tensor:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, tokens, context, time_mod, layout, use_reentrant=False)
+        return block(tokens, context, time_mod, layout)
+
+    def _embed_inputs(self, x: Tensor, cond: Tensor | None, cond_mask: Tensor | None) -> Tensor:
+        """[L, P] -> [L, 2P+1]: noisy tokens, clean conditioning tokens and their mask."""
+        if not self.cfg.use_conditioning:
+            if cond is not None or cond_mask is not None:
+                raise ValueError("cond given but DiTConfig.use_conditioning is False")
+            return x
+        if (cond is None) != (cond_mask is None):
+            raise ValueError("cond and cond_mask must be given together")
+        if cond is None or cond_mask is None:
+            return torch.cat([x, torch.zeros_like(x), x.new_zeros(x.shape[0], 1)], dim=1)
+        if cond.shape != x.shape or cond_mask.shape != x.shape[:1]:
+            raise ValueError(
+                f"cond {tuple(cond.shape)} / cond_mask {tuple(cond_mask.shape)} "
+                f"do not match x {tuple(x.shape)}"
+            )
+        mask = cond_mask.to(x.dtype)[:, None]  # [L, 1]
+        return torch.cat([x, cond.to(x.dtype) * mask, mask], dim=1)
+
+    def _layout(
+        self,
+        x: Tensor,
+        cu_seqlens: Tensor,
+        grid_sizes: Tensor,
+        timesteps: Tensor,
+        text: Tensor,
+        text_cu_seqlens: Tensor,
+    ) -> PackedLayout:
+        """Check the packed inputs agree with each other and precompute per-batch bookkeeping."""
+        num_samples = cu_seqlens.numel() - 1
+        if x.ndim != 2 or x.shape[1] != self.cfg.patch_dim:
+            raise ValueError(f"x must be [L, {self.cfg.patch_dim}], got {tuple(x.shape)}")
+        if text.ndim != 2 or text.shape[1] != self.cfg.text_dim:
+            raise ValueError(f"text must be [S, {self.cfg.text_dim}], got {tuple(text.shape)}")
+        shapes_ok = (
+            grid_sizes.shape == (num_samples, 3)
+            and timesteps.shape == (num_samples,)
+            and text_cu_seqlens.shape == (num_samples + 1,)
+        )
+        if not shapes_ok:
+            raise ValueError(
+                f"{num_samples} samples in cu_seqlens but grid_sizes {tuple(grid_sizes.shape)}, "
+                f"timesteps {tuple(timesteps.shape)}, text_cu_seqlens {tuple(text_cu_seqlens.shape)}"
+            )
+        rope_cos, rope_sin = self.rope(grid_sizes)  # [L, head_dim/2] each
+        if rope_cos.shape[0] != x.shape[0] or int(cu_seqlens[-1]) != x.shape[0]:
+            raise ValueError(
+                f"x has {x.shape[0]} tokens, cu_seqlens ends at {int(cu_seqlens[-1])}, "
+                f"grid_sizes cover {rope_cos.shape[0]}"
+            )
+        return PackedLayout(
+            sample_index=cu_to_sample_index(cu_seqlens),
+            cu_seqlens=cu_seqlens,
+            text_cu_seqlens=text_cu_seqlens,
+            max_seqlen=_max_length(cu_seqlens),
+            max_text_seqlen=_max_length(text_cu_seqlens),
+            rope_cos=rope_cos.to(x.device),
+            rope_sin=rope_sin.to(x.device),
+        )

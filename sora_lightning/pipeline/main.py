@@ -1,0 +1,83 @@
+"""`sora-pipeline`: the whole job (shards -> VAE -> cache -> DiT -> samples -> eval -> export).
+
+Re-running the same command continues where it stopped: finished steps whose outputs verify are
+skipped. Ends with a summary table (status and time per step) and the evaluation scores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from sora_lightning.pipeline.runner import StepResult, run_local
+from sora_lightning.train.main import CONF_DIR, validate
+from sora_lightning.utils import write_json_atomic
+
+PIPELINE_ONLY_KEYS = ("world", "samples", "eval", "pipeline")
+
+
+def forwarded_overrides(overrides: list[str]) -> list[str]:
+    """The user's overrides that the training steps understand (pipeline-only keys stay here)."""
+    def root(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
+
+    return [o for o in overrides if root(o) not in PIPELINE_ONLY_KEYS and root(o) != "run_dir"]
+
+
+def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
+    """Print a table of steps with their time, plus eval scores; also written to summary.json."""
+    table = Table(title=f"sora-pipeline: {run_dir}")
+    for column in ("step", "status", "seconds", "log"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", r.log)
+    console = Console()
+    console.print(table)
+    summary: dict[str, Any] = {"steps": [vars(r) for r in results],
+                               "total_seconds": sum(r.seconds for r in results)}
+    eval_path = run_dir / "eval" / "eval.json"
+    if eval_path.is_file():
+        scores = json.loads(eval_path.read_text())
+        summary["eval"] = {k: scores[k] for k in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance") if k in scores}
+        console.print(f"eval (held-out prompts): {summary['eval']}")
+    console.print(f"total time this run: {summary['total_seconds']:.1f} s")
+    for r in results:
+        if r.status == "failed":
+            console.print(f"[red]step {r.name} failed ({r.detail}); see its log: {r.log}[/red]")
+        if r.status == "blocked":
+            console.print(f"[yellow]step {r.name} not run: its inputs {r.detail['because']} failed[/yellow]")
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """Validate the config, then run the requested steps locally."""
+    validate(OmegaConf.merge(cfg, {"task": "vae", "data": {"shards": "x"}}))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    names = list(cfg.pipeline.steps) if cfg.pipeline.get("steps") else None
+    if cfg.launcher.name != "local":
+        raise ValueError(f"launcher={cfg.launcher.name} is not available yet for the pipeline; use launcher=local")
+    results = run_local(cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force))
+    return summarize(results, run_dir)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="pipeline", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Console entry point; exits non-zero when a step failed."""
+    summary = run_pipeline(cfg, list(HydraConfig.get().overrides.task))
+    if any(s["status"] in ("failed", "blocked") for s in summary["steps"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

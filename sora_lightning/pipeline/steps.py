@@ -1,0 +1,108 @@
+"""The pipeline as named steps with declared inputs and outputs.
+
+Each step is one command (so the local runner and SLURM run the very same thing) that reads the
+outputs of its input steps from the run folder. A finished step leaves a manifest of its output
+files' hashes; a step whose manifest verifies is skipped on re-run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from sora_lightning.utils import file_sha256
+
+Command = Callable[[DictConfig, Path, list[str]], list[str]]
+
+
+@dataclass
+class Step:
+    """One resumable unit of the job."""
+
+    name: str
+    inputs: tuple[str, ...]
+    """Names of the steps whose outputs this step reads."""
+    outputs: tuple[str, ...]
+    """Files (relative to the run folder, globs allowed) that prove the step finished."""
+    command: Command = field(repr=False)
+
+    def manifest_path(self, run_dir: Path) -> Path:
+        return run_dir / "steps" / f"{self.name}.json"
+
+    def output_files(self, run_dir: Path) -> list[Path]:
+        """Existing files matching the declared outputs (each pattern must match at least one)."""
+        files: list[Path] = []
+        for pattern in self.outputs:
+            matches = sorted(run_dir.glob(pattern))
+            if not matches:
+                return []
+            files.extend(m for m in matches if m.is_file())
+        return files
+
+
+PY = [sys.executable, "-m"]
+
+
+def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    world = cfg.world
+    return [*PY, "sora_lightning.data.ingest", "--world-clips", str(world.clips), "--world-images", str(world.images),
+            "--seed", str(world.seed), "--output", str(run / "shards"), "--max-count", str(world.shard_max_count),
+            "--overwrite"]
+
+
+def _vae(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
+    return [*PY, "sora_lightning.train.main", *overrides, "task=vae", f"run_dir={run / 'vae'}",
+            f"data.shards={run / 'shards'}/*.tar"]
+
+
+def _cache(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    text_path = cfg.model.text.get("path")
+    return [*PY, "sora_lightning.data.latent_cache", "--shards", str(run / "shards" / "*.tar"),
+            "--vae-dir", str(run / "vae"), "--output", str(run / "cache"),
+            "--max-area", str(cfg.cache.max_area), "--multiple", str(cfg.cache.multiple),
+            "--max-frames", str(cfg.cache.max_frames), "--text-max-length", str(cfg.model.text.max_length),
+            *(["--text-path", str(text_path)] if text_path else [])]
+
+
+def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
+    return [*PY, "sora_lightning.train.main", *overrides, "task=dit", f"run_dir={run / 'dit'}",
+            f"data.cache_dir={run / 'cache'}", f"data.vae_dir={run / 'vae'}"]
+
+
+def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    s = cfg.samples
+    return [*PY, "sora_lightning.sample.main", f"ckpt={run / 'dit' / 'final'}", f"out_dir={run / 'samples'}",
+            f"prompts=[{','.join(repr(p) for p in s.prompts)}]", f"frames={s.frames}", f"height={s.height}",
+            f"width={s.width}", f"steps={s.steps}", f"cfg_scale={s.cfg_scale}", f"seed={s.seed}"]
+
+
+def _eval(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    e = cfg.eval
+    return [*PY, "sora_lightning.eval.main", f"ckpt={run / 'dit' / 'final'}", f"out_dir={run / 'eval'}",
+            f"frames={e.frames}", f"height={e.height}", f"width={e.width}", f"steps={e.steps}",
+            f"cfg_scale={e.cfg_scale}", f"num_seeds={e.num_seeds}"]
+
+
+def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    return [*PY, "sora_lightning.train.export", "--dit", str(run / "dit" / "final"), "--vae", str(run / "vae"),
+            "--output", str(run / "export")]
+
+
+STEPS: tuple[Step, ...] = (
+    Step("shards", (), ("shards/summary.json", "shards/*.tar"), _shards),
+    Step("vae", ("shards",), ("vae/vae.safetensors", "vae/vae.json"), _vae),
+    Step("cache", ("shards", "vae"), ("cache/meta.json", "cache/latents-*.tar"), _cache),
+    Step("dit", ("cache", "vae"), ("dit/final/dit.safetensors", "dit/final/dit.json"), _dit),
+    Step("samples", ("dit",), ("samples/*.mp4",), _samples),
+    Step("eval", ("dit",), ("eval/eval.json",), _eval),
+    Step("export", ("dit", "vae"), ("export/dit.safetensors", "export/vae.safetensors"), _export),
+)
+
+
+def hash_outputs(step: Step, run_dir: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every output file of a finished step."""
+    return {str(p.relative_to(run_dir)): file_sha256(p) for p in step.output_files(run_dir)}

@@ -1,0 +1,205 @@
+"""Generation: prompt -> (expanded prompt) -> text states -> latents by the sampler with CFG -> frames.
+
+One `VideoGenerator` serves text-to-video, image-to-video (first frame given) and video extension
+(leading frames given): given frames are VAE-encoded and held clean as conditioning tokens.
+Shape legend: T frames, H, W pixels, C latent channels, F latent frames, N tokens, P patch values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from torch import Tensor
+
+from sora_lightning.data.clips import to_model_range, to_uint8
+from sora_lightning.data.world import expand_prompt
+from sora_lightning.diffusion import flow
+from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.models.patches import patchify, seqlens_to_cu, token_grid, unpatchify
+from sora_lightning.models.text import TextEncoder, TextEncoderConfig
+from sora_lightning.models.vae import VideoVAE
+from sora_lightning.train.weights import load_dit, load_vae, torch_load_safe
+
+GENERATOR_NAME = "sora_lightning"
+
+
+@dataclass
+class SampleOptions:
+    """What to generate and how hard to think about it."""
+
+    frames: int = 17
+    height: int = 48
+    width: int = 64
+    steps: int = 25
+    cfg_scale: float = 5.0
+    sampler: str = "euler"
+    shift: float | None = None
+    """Fixed sampling shift; None derives it from the token count like training."""
+    seed: int = 0
+    fps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ValueError(f"frames must be 1 + 4k (1, 5, 9, 17, 33, ...), got {self.frames}")
+        if self.sampler not in flow.SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(flow.SAMPLERS)}, got {self.sampler!r}")
+        if self.steps < 1 or self.height < 1 or self.width < 1:
+            raise ValueError("steps, height and width must be positive")
+
+
+@dataclass
+class GeneratedVideo:
+    """Frames plus everything needed to reproduce them."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    prompt: str
+    expanded_prompt: str
+    seed: int
+    model_hash: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class VideoGenerator:
+    """Holds the three networks and the latent normalisation of one trained model."""
+
+    def __init__(self, dit: DiT, vae: VideoVAE, text_encoder: TextEncoder, latent_mean: Tensor, latent_std: Tensor,
+                 *, expand_prompts: bool = True, model_hash: str = "") -> None:
+        self.dit, self.vae, self.text_encoder = dit.eval(), vae.eval(), text_encoder
+        self.mean, self.std = latent_mean.view(-1, 1, 1, 1).float(), latent_std.view(-1, 1, 1, 1).float()
+        self.expand_prompts, self.model_hash = expand_prompts, model_hash
+        self.patch = tuple(dit.config.patch_size)
+        self.max_text_tokens = text_encoder.config.max_length
+
+    def encode_prompt(self, prompt: str) -> tuple[Tensor, str]:
+        """Expand a short prompt to the detailed caption form, then encode (real tokens only)."""
+        expanded = expand_prompt(prompt) if self.expand_prompts else prompt
+        encoding = self.text_encoder.encode([expanded])
+        if encoding.num_truncated:
+            raise ValueError(f"prompt too long: it exceeds the text encoder's {self.max_text_tokens} tokens after expansion; shorten it")
+        return encoding.states[0][encoding.mask[0]].float(), expanded
+
+    def latent_shape(self, options: SampleOptions) -> tuple[int, int, int, int]:
+        """(C, F, h, w) for a requested clip; refuses sizes the model cannot tile."""
+        spatial, temporal = self.vae.config.spatial_factor, self.vae.config.temporal_factor
+        step = spatial * self.patch[1]
+        if options.height % step or options.width % step:
+            raise ValueError(f"height and width must be multiples of {step} (VAE stride x patch), got {options.height}x{options.width}")
+        return self.dit.config.in_channels, 1 + (options.frames - 1) // temporal, options.height // spatial, options.width // spatial
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> Tensor:
+        """uint8 [T, H, W, 3] -> normalised latents [C, F, h, w] for conditioning."""
+        latent = self.vae.encode(to_model_range(frames).unsqueeze(0)).mode()[0]
+        return (latent - self.mean) / self.std
+
+    @torch.no_grad()
+    def generate(self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None) -> GeneratedVideo:
+        """Sample one video; `cond_frames` (an image or a clip's leading frames) is kept as given."""
+        states, expanded = self.encode_prompt(prompt)
+        null_states, _ = self._null_text()
+        shape = self.latent_shape(options)
+        grid = token_grid(shape[1:], self.patch)
+        generator = torch.Generator().manual_seed(options.seed)
+        noise = patchify(torch.randn(shape, generator=generator), self.patch)  # [N, P]
+        clean, mask = self._conditioning(cond_frames, shape, noise)
+        velocity = self._velocity_fn(grid, states, null_states, clean, mask, options.cfg_scale)
+        num_tokens = noise.shape[0]
+        shift = options.shift if options.shift is not None else float(flow.resolution_shift(torch.tensor(num_tokens)))
+        schedule = flow.sampling_schedule(options.steps, shift)
+        keep = None if mask is None else (lambda x: torch.where(mask.bool().unsqueeze(-1), clean, x))
+        tokens = flow.SAMPLERS[options.sampler](velocity, keep(noise) if keep else noise, schedule, 1, on_step=keep)
+        latent = unpatchify(tokens, grid, self.patch, shape[0]) * self.std + self.mean  # [C, F, h, w]
+        video = self.vae.decode(latent.unsqueeze(0))[0]  # [3, T, H, W]
+        return GeneratedVideo(to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy())
+
+    def _null_text(self) -> tuple[Tensor, str]:
+        encoding = self.text_encoder.encode([""])
+        return encoding.states[0][encoding.mask[0]].float(), ""
+
+    def _conditioning(self, frames: np.ndarray | None, shape: tuple[int, ...], noise: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Clean latent tokens and their mask for the given leading frames (None for text-to-video)."""
+        if frames is None:
+            return None, None
+        if frames.ndim == 3:
+            frames = frames[None]
+        latent = self.encode_frames(frames)
+        if latent.shape[2:] != shape[2:]:
+            raise ValueError(f"conditioning frames are {frames.shape[2]}x{frames.shape[1]}; they must match the requested size")
+        num_cond = min(latent.shape[1], shape[1] - 1)
+        full = torch.zeros(shape)
+        full[:, :num_cond] = latent[:, :num_cond]
+        frame_mask = torch.zeros(shape[1])
+        frame_mask[:num_cond] = 1.0
+        clean = patchify(full, self.patch)  # [N, P]
+        mask = patchify(frame_mask.view(1, -1, 1, 1).expand(1, *shape[1:]).contiguous(), self.patch)[:, 0]
+        return clean, (mask > 0).float()
+
+    def _velocity_fn(self, grid, states: Tensor, null_states: Tensor, clean: Tensor | None, mask: Tensor | None,
+                     cfg_scale: float):
+        """Closure running conditional and unconditional passes as one packed batch of two."""
+        grids = torch.tensor([grid, grid], dtype=torch.int64)
+        text = torch.cat([states, null_states])
+        text_cu = seqlens_to_cu([states.shape[0], null_states.shape[0]])
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            num = x.shape[0]
+            cond = None if clean is None else torch.cat([clean, clean])
+            cond_mask = None if mask is None else torch.cat([mask, mask])
+            out = self.dit(torch.cat([x, x]), seqlens_to_cu([num, num]), grids, t.repeat(2).float(), text, text_cu,
+                           cond=cond, cond_mask=cond_mask)
+            return flow.guided_velocity(out[:num], out[num:], cfg_scale)
+
+        return velocity
+
+
+def write_mp4(path: str | Path, video: GeneratedVideo, fps: int) -> Path:
+    """H.264 mp4 carrying prompt, expanded prompt, seed, model hash and generator name as metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = video.frames
+    with av.open(str(path), "w") as container:
+        container.metadata.update({"title": video.prompt, "comment": json.dumps({
+            "prompt": video.prompt, "expanded_prompt": video.expanded_prompt, "seed": video.seed,
+            "model_hash": video.model_hash, "generator": GENERATOR_NAME, "options": video.options})})
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "12"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _text_encoder(config: dict[str, Any]) -> TextEncoder:
+    return TextEncoder(TextEncoderConfig(**config))
+
+
+def load_generator(path: str | Path, *, use_ema: bool = True, expand_prompts: bool = True) -> VideoGenerator:
+    """From an export folder (dit.safetensors + vae.safetensors) or a DiT training checkpoint (.ckpt)."""
+    path = Path(path)
+    if path.is_dir():
+        dit, saved = load_dit(path)
+        meta = saved["meta"]
+        vae_dir = Path(meta["vae_dir"]) if Path(meta["vae_dir"]).is_absolute() else path / meta["vae_dir"]
+        vae = load_vae(vae_dir)
+        model_hash = hashlib.sha256((path / "dit.safetensors").read_bytes()).hexdigest()[:16]
+    elif path.is_file():
+        checkpoint = torch_load_safe(path)
+        hparams = checkpoint["hyper_parameters"]
+        meta = hparams["meta"]
+        dit = DiT(DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hparams["dit"].items()}))
+        prefix = "ema." if use_ema else "dit."
+        dit.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+        vae = load_vae(meta["vae_dir"])
+        model_hash = f"{path.name}@{checkpoint.get('global_step', 0)}"
+    else:
+        raise FileNotFoundError(f"{path} is neither an export folder nor a checkpoint file; pass ckpt=RUN/export or a .ckpt")
+    return VideoGenerator(dit.eval(), vae, _text_encoder(meta["text"]), torch.tensor(meta["latent_mean"]),
+                          torch.tensor(meta["latent_std"]), expand_prompts=expand_prompts, model_hash=model_hash)

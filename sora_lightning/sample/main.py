@@ -1,0 +1,58 @@
+"""`sora-sample`: text-to-video, image-to-video (image=...) and video extension (video=...) to mp4."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from sora_lightning.data.decode import decode_image, decode_video
+from sora_lightning.sample.generate import SampleOptions, load_generator, write_mp4
+from sora_lightning.train.main import CONF_DIR
+
+
+def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None:
+    """Frames to hold fixed: an image (image-to-video) or a clip's frames (extension)."""
+    if image and video:
+        raise ValueError("give either image=... or video=..., not both")
+    path = image or video
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"conditioning file {path} does not exist; pass an existing image or video path")
+    data = Path(path).read_bytes()
+    return decode_image(data) if image else decode_video(data)[0]
+
+
+def options_from(cfg: DictConfig, seed: int) -> SampleOptions:
+    return SampleOptions(frames=cfg.frames, height=cfg.height, width=cfg.width, steps=cfg.steps,
+                         cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, shift=cfg.shift, seed=seed, fps=cfg.fps)
+
+
+def sample(cfg: DictConfig) -> list[Path]:
+    """Generate every requested prompt; returns the written mp4 paths."""
+    if not cfg.prompt and not cfg.prompts:
+        raise ValueError('nothing to sample: pass prompt="..." or prompts=[...]')
+    options_from(cfg, cfg.seed)  # validate sizes before loading anything
+    generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
+    cond = read_conditioning(cfg.image, cfg.video)
+    jobs = [(cfg.prompt, Path(cfg.out))] if cfg.prompt else [
+        (p, Path(cfg.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(cfg.prompts)]
+    written = []
+    for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
+        video = generator.generate(prompt, options_from(cfg, cfg.seed), cond_frames=cond)
+        written.append(write_mp4(path, video, cfg.fps))
+        print(f"{path}: {prompt!r} -> {video.expanded_prompt!r}")
+    return written
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

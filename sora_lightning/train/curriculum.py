@@ -1,0 +1,112 @@
+"""Declarative curriculum: an ordered list of stages inside one job, no relaunch between them.
+
+The stage of a step is a pure function of the global step, so a resumed run lands in the same
+stage at the same step, and the data pipeline and LR schedule can both ask "where am I?".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Stage:
+    """One phase of training: what the data looks like and how hard we push the optimizer."""
+
+    name: str
+    """Shown in logs and checkpoints, e.g. "images-64px"."""
+    steps: int
+    """Optimizer steps spent in this stage."""
+    frames: tuple[int, int] = (1, 1)
+    """Inclusive range of pixel frames per sample; each must be 1 + 4k; (1, 1) means images."""
+    image_fraction: float = 0.0
+    """Share of samples trained as single frames (images) in a video stage."""
+    max_area: int = 256 * 256
+    """Pixel area cap per sample; native aspect ratio is kept under it."""
+    fps: float | None = None
+    """Target frame rate for clip selection; None keeps the native rate."""
+    token_budget: int = 1024
+    """Video tokens per packed sequence (per rank and step)."""
+    lr: float = 1e-4
+    """Peak learning rate of the stage."""
+    shift: float | None = None
+    """Timestep shift; None derives it from each sample's token count (SD3 resolution shift)."""
+    sequence_parallel: int = 1
+    """Ranks that share one sequence (Ulysses all-to-all); 1 disables it."""
+    cond_probability: float = 0.0
+    """Chance that a video sample keeps leading (or trailing) latent frames clean as conditioning."""
+
+    def __post_init__(self) -> None:
+        self.frames = tuple(int(f) for f in self.frames)  # type: ignore[assignment]
+        lo, hi = self.frames
+        if self.steps < 0:
+            raise ValueError(f"stage {self.name!r}: steps must be >= 0, got {self.steps}")
+        if not 1 <= lo <= hi:
+            raise ValueError(f"stage {self.name!r}: frames must satisfy 1 <= min <= max, got {self.frames}")
+        if (lo - 1) % 4 or (hi - 1) % 4:
+            raise ValueError(f"stage {self.name!r}: frame counts must be 1 + 4k (1, 5, 9, 17, 33...), got {self.frames}")
+        if not 0.0 <= self.image_fraction <= 1.0 or not 0.0 <= self.cond_probability <= 1.0:
+            raise ValueError(f"stage {self.name!r}: image_fraction and cond_probability must be in [0, 1]")
+        if self.token_budget < 1 or self.lr <= 0 or self.max_area < 64:
+            raise ValueError(f"stage {self.name!r}: token_budget, lr and max_area must be positive")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"stage {self.name!r}: sequence_parallel must be >= 1")
+
+    @property
+    def is_image_stage(self) -> bool:
+        """True when every sample is a single frame."""
+        return self.frames == (1, 1)
+
+
+@dataclass
+class Curriculum:
+    """Ordered stages plus the schedule shape shared by all of them."""
+
+    stages: list[Stage] = field(default_factory=list)
+    warmup_steps: int = 100
+    """Linear warmup at the start of the run (and only there)."""
+    final_decay: bool = True
+    """Cosine-decay the LR to 10% over the last stage."""
+
+    def __post_init__(self) -> None:
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        if not self.stages:
+            raise ValueError("curriculum needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"curriculum stage names must be unique, got {names}")
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of all stages together: the default trainer.max_steps."""
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(stage index, step within stage) of a global step; steps past the end stay in the last."""
+        start = 0
+        for index, stage in enumerate(self.stages):
+            if step < start + stage.steps:
+                return index, step - start
+            start += stage.steps
+        last = len(self.stages) - 1
+        return last, step - (start - self.stages[last].steps)
+
+    def stage_start(self, index: int) -> int:
+        """Global step at which stage `index` begins."""
+        return sum(s.steps for s in self.stages[:index])
+
+    def lr_at(self, step: int) -> float:
+        """Stage LR x warmup x (cosine decay in the final stage)."""
+        index, in_stage = self.stage_at(step)
+        stage = self.stages[index]
+        lr = stage.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.final_decay and index == len(self.stages) - 1 and stage.steps > 0:
+            progress = min(1.0, in_stage / stage.steps)
+            lr *= 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for hparams and checkpoints (no pickled classes)."""
+        return asdict(self)

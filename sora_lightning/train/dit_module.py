@@ -1,0 +1,119 @@
+"""LightningModule that trains the DiT with rectified flow on packed, curriculum-shaped batches.
+
+`training_step` stays short: noise and timesteps come from an RNG keyed by (seed, step, rank), so
+a resumed run draws exactly the noise of an uninterrupted one; the math lives in `diffusion/flow`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from sora_lightning.data.packing import PackedBatch
+from sora_lightning.diffusion import flow
+from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.models.patches import cu_to_sample_index
+from sora_lightning.train.curriculum import Curriculum
+
+
+@dataclass
+class FlowConfig:
+    """How training timesteps are drawn."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    resolution_shift: bool = True
+    """Shift t by each sample's token count when the stage sets no fixed shift."""
+
+
+def noise_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """A generator owned by one training step on one rank (resume needs no saved RNG state)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+class DiTModule(L.LightningModule):
+    """DiT + EMA + curriculum-driven LR; batches are `PackedBatch`es of normalised latents."""
+
+    def __init__(self, dit: dict[str, Any], curriculum: dict[str, Any], *, seed: int = 0,
+                 flow_cfg: dict[str, Any] | None = None, weight_decay: float = 0.0, ema_decay: float = 0.999,
+                 meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dit_config = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in dit.items()})
+        self.dit = DiT(self.dit_config)
+        self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
+        self.curriculum = Curriculum(**curriculum)
+        self.flow_cfg = FlowConfig(**(flow_cfg or {}))
+
+    def _timesteps(self, batch: PackedBatch, generator: torch.Generator) -> Tensor:
+        t = flow.sample_logit_normal(batch.num_samples, mean=self.flow_cfg.logit_mean,
+                                     std=self.flow_cfg.logit_std, generator=generator)
+        stage = self.curriculum.stages[self.curriculum.stage_at(self.global_step)[0]]
+        if stage.shift is not None:
+            return flow.shift_timesteps(t, stage.shift)
+        if self.flow_cfg.resolution_shift:
+            return flow.shift_timesteps(t, flow.resolution_shift(batch.cu_seqlens.diff()))
+        return t
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> Tensor | None:
+        generator = noise_generator(self.hparams.seed, self.global_step, self.global_rank)
+        timesteps = self._timesteps(batch, generator).to(self.device)  # [B]
+        noise = torch.randn(batch.x.shape, generator=generator).to(batch.x)  # [L, P]
+        sample_index = cu_to_sample_index(batch.cu_seqlens)  # [L]
+        cond_mask = batch.cond_mask if batch.cond_mask is not None else torch.zeros_like(sample_index, dtype=batch.x.dtype)
+        x_t = flow.add_noise(batch.x, noise, timesteps[sample_index])  # [L, P]
+        x_t = torch.where(cond_mask.bool().unsqueeze(-1), batch.x, x_t)  # clean conditioning frames
+        pred = self.dit(x_t, batch.cu_seqlens, batch.grid_sizes, timesteps, batch.text, batch.text_cu_seqlens,
+                        cond=batch.cond, cond_mask=batch.cond_mask)  # [L, P]
+        loss = flow.flow_loss(pred, flow.velocity_target(batch.x, noise), sample_index, batch.num_samples,
+                              loss_mask=1.0 - cond_mask)
+        if not self._all_finite(loss):
+            self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum")
+            return None  # skip backward and the optimizer step on every rank
+        self._log_step(loss, batch)
+        return loss
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        """Decide together: one rank's NaN must skip the step everywhere, or DDP hangs."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
+        bad = self.trainer.strategy.reduce(bad, reduce_op="max") if self.trainer.world_size > 1 else bad
+        return bool(bad.item() == 0.0)
+
+    def _log_step(self, loss: Tensor, batch: PackedBatch) -> None:
+        stage_index, _ = self.curriculum.stage_at(self.global_step)
+        name = self.curriculum.stages[stage_index].name
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.num_samples)
+        self.log(f"train/loss_{name}", loss.detach(), batch_size=batch.num_samples)
+        self.log("train/stage", float(stage_index), prog_bar=True)
+        self.log("train/packing_efficiency", float(batch.efficiency))
+        self.log("train/samples_per_batch", float(batch.num_samples))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.dit.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA with a warmup so early steps are not dominated by the random init."""
+        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        for ema_param, param in zip(self.ema.parameters(), self.dit.parameters(), strict=True):
+            ema_param.lerp_(param.detach(), 1.0 - decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        base_lr = max(s.lr for s in self.curriculum.stages)
+        decay, no_decay = [], []
+        for name, param in self.dit.named_parameters():
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.99))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.curriculum.lr_at(step) / base_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,49 @@
+"""LightningModule that trains the causal video VAE: reconstruction + KL, terms configurable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from sora_lightning.diffusion.flow import cosine_warmup_lr
+from sora_lightning.models.vae import VAEConfig, VideoVAE
+
+
+def vae_loss(recon: Tensor, target: Tensor, kl_per_sample: Tensor, num_latent: int, *, l1_weight: float,
+             mse_weight: float, kl_weight: float) -> dict[str, Tensor]:
+    """Weighted reconstruction and KL terms; KL is per latent element so its weight is size-independent."""
+    l1 = (recon - target).abs().mean()
+    mse = (recon - target).pow(2).mean()
+    kl = kl_per_sample.mean() / num_latent
+    total = l1_weight * l1 + mse_weight * mse + kl_weight * kl
+    return {"loss": total, "l1": l1, "mse": mse, "kl": kl}
+
+
+class VAEModule(L.LightningModule):
+    """Wraps VideoVAE with its loss, AdamW and a warmup + cosine schedule."""
+
+    def __init__(self, vae: dict[str, Any], *, lr: float = 3e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 50, total_steps: int = 1000, l1_weight: float = 1.0,
+                 mse_weight: float = 1.0, kl_weight: float = 1e-4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae = VideoVAE(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae.items()}))
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        recon, posterior = self.vae(batch)  # [B, 3, T, H, W]
+        num_latent = posterior.mean[0].numel()
+        terms = vae_loss(recon, batch, posterior.kl(), num_latent, l1_weight=self.hparams.l1_weight,
+                         mse_weight=self.hparams.mse_weight, kl_weight=self.hparams.kl_weight)
+        self.log_dict({f"vae/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True)
+        return terms["loss"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=hp.lr, betas=(0.9, 0.99), weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_warmup_lr(step, warmup_steps=hp.warmup_steps, total_steps=hp.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,70 @@
+"""Weights on disk without pickle: safetensors tensors + a JSON config beside them.
+
+Everything downstream of training (latent caching, sampling, evaluation, export) loads weights
+through here, so no step ever unpickles code from a file it did not write.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.models.vae import VAEConfig, VideoVAE
+from sora_lightning.utils import write_json_atomic
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Dataclass config -> JSON-able dict (tuples become lists)."""
+    return asdict(config) if is_dataclass(config) else dict(config)
+
+
+def save_module(module: nn.Module, config: Any, directory: str | Path, name: str, extra: dict | None = None) -> Path:
+    """Write `name.safetensors` and `name.json` (config + extra metadata) atomically enough for a step."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = directory / f".{name}.safetensors.tmp"
+    safetensors.torch.save_file(state, str(tmp))
+    tmp.replace(directory / f"{name}.safetensors")
+    write_json_atomic(directory / f"{name}.json", {"config": config_to_dict(config), **(extra or {})})
+    return directory / f"{name}.safetensors"
+
+
+def read_module_meta(directory: str | Path, name: str) -> dict[str, Any]:
+    """The JSON written beside a module's weights; clear error if the step never finished."""
+    path = Path(directory) / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train or export the {name} first (or fix the path)")
+    return json.loads(path.read_text())
+
+
+def _tuplify(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def load_vae(directory: str | Path, name: str = "vae") -> VideoVAE:
+    """VideoVAE from `name.safetensors` + `name.json`, in eval mode."""
+    meta = read_module_meta(directory, name)
+    vae = VideoVAE(VAEConfig(**_tuplify(meta["config"])))
+    vae.load_state_dict(safetensors.torch.load_file(str(Path(directory) / f"{name}.safetensors")))
+    return vae.eval()
+
+
+def load_dit(directory: str | Path, name: str = "dit") -> tuple[DiT, dict[str, Any]]:
+    """DiT + its metadata (latent stats, text encoder config, VAE location) from an export."""
+    meta = read_module_meta(directory, name)
+    dit = DiT(DiTConfig(**_tuplify(meta["config"])))
+    dit.load_state_dict(safetensors.torch.load_file(str(Path(directory) / f"{name}.safetensors")))
+    return dit.eval(), meta
+
+
+def torch_load_safe(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint refusing pickled code (weights_only=True)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)

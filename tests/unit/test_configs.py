@@ -1,0 +1,73 @@
+"""Every config in conf/ composes, and every `_target_` in it instantiates (a bad preset fails here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sora_lightning.train.main import CONF_DIR, validate
+
+GROUPS = [
+    "model/vae",
+    "model/dit",
+    "model/text",
+    "curriculum",
+    "strategy",
+    "launcher",
+    "experiment",
+]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_has_presets(group: str) -> None:
+    assert options(group), f"conf/{group} is empty"
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_preset_composes_and_instantiates(group: str, option: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"{group}={option}"])
+    for node in (cfg.model.vae, cfg.model.dit, cfg.model.text, cfg.curriculum):
+        assert instantiate(node, _convert_="all") is not None
+    assert OmegaConf.to_yaml(cfg)
+
+
+@pytest.mark.parametrize("name", ["train", "pipeline", "sample", "eval"])
+def test_primary_configs_compose(name: str) -> None:
+    overrides = ["ckpt=x"] if name in ("sample", "eval") else ["experiment=demo"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    assert cfg
+
+
+def test_pipeline_experiment_overrides_pipeline_keys() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("pipeline", overrides=["experiment=tiny"])
+    assert cfg.run_dir == "runs/tiny" and cfg.world.clips < 100
+
+
+def test_bad_config_rejected_before_work() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["task=vae"])
+    with pytest.raises(ValueError, match="data.shards"):
+        validate(cfg)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["curriculum.stages.0.frames=[2,3]", "task=vae", "data.shards=x"]
+        )
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        validate(cfg)
+
+
+def test_all_yaml_files_are_covered() -> None:
+    covered = {CONF_DIR / f"{n}.yaml" for n in ("train", "pipeline", "sample", "eval")}
+    covered |= {CONF_DIR / g / f"{o}.yaml" for g in GROUPS for o in options(g)}
+    assert set(Path(CONF_DIR).rglob("*.yaml")) <= covered

@@ -1,0 +1,192 @@
+"""The DiT on packed batches: per-sample isolation, zero init, training signal, presets, checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.models.patches import seqlens_to_cu
+from sora_lightning.models.stats import count_params
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "dit"
+GRIDS = [(2, 3, 4), (1, 2, 2), (3, 2, 3)]
+TEXT_LENS = [5, 3, 7]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP hand-offs that dominate on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_config(name: str) -> DiTConfig:
+    return instantiate(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+
+
+@pytest.fixture
+def tiny_cfg() -> DiTConfig:
+    cfg = load_config("tiny")
+    cfg.attn_backend = "sdpa"
+    return cfg
+
+
+def perturbed_model(cfg: DiTConfig) -> DiT:
+    """Tiny DiT with every parameter nudged off its init, so zero-init paths carry signal."""
+    model = DiT(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def make_batch(cfg: DiTConfig, grids=GRIDS, text_lens=TEXT_LENS) -> dict[str, torch.Tensor]:
+    lengths = [f * h * w for f, h, w in grids]
+    num_tokens = sum(lengths)
+    return {
+        "x": torch.randn(num_tokens, cfg.patch_dim),
+        "cu_seqlens": seqlens_to_cu(lengths),
+        "grid_sizes": torch.tensor(grids, dtype=torch.int64),
+        "timesteps": torch.rand(len(grids)),
+        "text": torch.randn(sum(text_lens), cfg.text_dim),
+        "text_cu_seqlens": seqlens_to_cu(text_lens),
+        "cond": torch.randn(num_tokens, cfg.patch_dim),
+        "cond_mask": (torch.rand(num_tokens) < 0.3).float(),
+    }
+
+
+def sample_slice(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Sample i of a packed batch as a batch of one."""
+    start, end = batch["cu_seqlens"][i : i + 2].tolist()
+    t_start, t_end = batch["text_cu_seqlens"][i : i + 2].tolist()
+    return {
+        "x": batch["x"][start:end],
+        "cu_seqlens": seqlens_to_cu([end - start]),
+        "grid_sizes": batch["grid_sizes"][i : i + 1],
+        "timesteps": batch["timesteps"][i : i + 1],
+        "text": batch["text"][t_start:t_end],
+        "text_cu_seqlens": seqlens_to_cu([t_end - t_start]),
+        "cond": batch["cond"][start:end],
+        "cond_mask": batch["cond_mask"][start:end],
+    }
+
+
+def test_packed_batch_equals_each_sample_alone(tiny_cfg: DiTConfig) -> None:
+    model = perturbed_model(tiny_cfg).eval()
+    batch = make_batch(tiny_cfg)
+    with torch.no_grad():
+        packed = model(**batch)
+        alone = torch.cat([model(**sample_slice(batch, i)) for i in range(len(GRIDS))])
+    assert packed.shape == batch["x"].shape and packed.abs().max() > 1e-3
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["x", "text", "timesteps", "cond"])
+def test_perturbing_one_sample_leaves_others_exactly_unchanged(
+    tiny_cfg: DiTConfig, field: str
+) -> None:
+    model = perturbed_model(tiny_cfg).eval()
+    batch = make_batch(tiny_cfg)
+    changed = {k: v.clone() for k, v in batch.items()}
+    cu = batch["text_cu_seqlens"] if field == "text" else batch["cu_seqlens"]
+    if field == "timesteps":
+        changed["timesteps"][1] = 1.0 - changed["timesteps"][1]
+    else:
+        start, end = cu[1:3].tolist()  # sample 1
+        changed[field][start:end] += torch.randn_like(changed[field][start:end])
+        changed["cond_mask"][batch["cu_seqlens"][1] : batch["cu_seqlens"][2]] = 1.0
+    with torch.no_grad():
+        base, other = model(**batch), model(**changed)
+    start, end = batch["cu_seqlens"][1:3].tolist()
+    assert torch.equal(base[:start], other[:start]) and torch.equal(base[end:], other[end:])
+    assert not torch.allclose(base[start:end], other[start:end])
+
+
+def test_untrained_model_predicts_zero(tiny_cfg: DiTConfig) -> None:
+    out = DiT(tiny_cfg)(**make_batch(tiny_cfg))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_training_signal_reaches_every_parameter(tiny_cfg: DiTConfig) -> None:
+    model = DiT(tiny_cfg).train()
+    batch = make_batch(tiny_cfg)
+    target = torch.randn_like(batch["x"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):  # zero-init: output layer first, then gates, then everything
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(**batch), target).backward()
+        optimizer.step()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not silent, f"no gradient reached {silent}"
+    with torch.no_grad():
+        assert model(**batch).abs().max() > 0
+
+
+def test_conditioning_none_equals_empty_mask(tiny_cfg: DiTConfig) -> None:
+    model = perturbed_model(tiny_cfg).eval()
+    batch = make_batch(tiny_cfg)
+    without = {k: v for k, v in batch.items() if k not in ("cond", "cond_mask")}
+    empty = dict(batch, cond_mask=torch.zeros_like(batch["cond_mask"]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**without), model(**empty), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+def test_every_preset_builds_on_meta_with_exact_param_count(preset: str) -> None:
+    cfg = load_config(preset)
+    assert isinstance(cfg, DiTConfig)
+    model = DiT.from_config_on_meta(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg)
+
+
+def test_known_preset_sizes() -> None:
+    assert 0.55e9 < count_params(load_config("600m")) < 0.65e9
+    assert 1.3e9 < count_params(load_config("1_3b")) < 1.5e9
+    assert 13.5e9 < count_params(load_config("14b")) < 14.5e9
+
+
+def test_activation_checkpointing_gives_same_gradients(tiny_cfg: DiTConfig) -> None:
+    model = perturbed_model(tiny_cfg).train()
+    batch = make_batch(tiny_cfg)
+    grads = []
+    for checkpointing in (False, True):
+        model.cfg.activation_checkpointing = checkpointing
+        model.zero_grad()
+        model(**batch).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)
+
+
+def test_invalid_configs_and_inputs_raise(tiny_cfg: DiTConfig) -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        DiTConfig(hidden_size=64, num_heads=5)
+    with pytest.raises(ValueError, match="RoPE"):
+        DiTConfig(hidden_size=12, num_heads=4)  # head_dim 3
+    with pytest.raises(ValueError, match="attn_backend"):
+        DiTConfig(hidden_size=64, num_heads=4, attn_backend="magic")
+    model = DiT(tiny_cfg)
+    batch = make_batch(tiny_cfg)
+    with pytest.raises(ValueError, match="grid_sizes cover"):
+        model(**dict(batch, grid_sizes=batch["grid_sizes"] + 1))
+    with pytest.raises(ValueError, match="together"):
+        model(**dict(batch, cond=None))
+
+
+def test_bf16_autocast_runs_and_tracks_fp32(tiny_cfg: DiTConfig) -> None:
+    model = perturbed_model(tiny_cfg)
+    batch = make_batch(tiny_cfg)
+    reference = model(**batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()

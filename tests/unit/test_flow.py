@@ -1,0 +1,54 @@
+"""Rectified-flow math against closed forms."""
+
+from __future__ import annotations
+
+import torch
+
+from sora_lightning.diffusion import flow
+
+
+def test_shift_is_identity_at_one_and_monotone() -> None:
+    t = torch.linspace(0, 1, 11)
+    assert torch.allclose(flow.shift_timesteps(t, 1.0), t)
+    shifted = flow.shift_timesteps(t, 3.0)
+    assert torch.all(shifted >= t) and shifted[0] == 0 and shifted[-1] == 1
+
+
+def test_resolution_shift_grows_with_tokens() -> None:
+    shifts = flow.resolution_shift(torch.tensor([256, 1024, 4096]))
+    assert torch.all(shifts[1:] > shifts[:-1])
+    assert abs(float(shifts[0]) - torch.exp(torch.tensor(0.5)).item()) < 1e-6
+
+
+def test_euler_recovers_data_with_exact_velocity() -> None:
+    x0, noise = torch.randn(7, 4), torch.randn(7, 4)
+    out = flow.euler_sample(lambda x, t: noise - x0, noise, flow.sampling_schedule(5, shift=2.0), 1)
+    assert torch.allclose(out, x0, atol=1e-5)
+    out_heun = flow.heun_sample(lambda x, t: noise - x0, noise, flow.sampling_schedule(3), 1)
+    assert torch.allclose(out_heun, x0, atol=1e-5)
+
+
+def test_add_noise_endpoints() -> None:
+    x0, noise = torch.randn(3, 2), torch.randn(3, 2)
+    assert torch.allclose(flow.add_noise(x0, noise, torch.zeros(3)), x0)
+    assert torch.allclose(flow.add_noise(x0, noise, torch.ones(3)), noise)
+
+
+def test_flow_loss_weighs_samples_equally_and_masks() -> None:
+    pred = torch.zeros(4, 1)
+    target = torch.tensor([[1.0], [1.0], [1.0], [3.0]])
+    index = torch.tensor([0, 0, 0, 1])
+    assert torch.isclose(flow.flow_loss(pred, target, index, 2), torch.tensor((1.0 + 9.0) / 2))
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert torch.isclose(flow.flow_loss(pred, target, index, 2, loss_mask=mask), torch.tensor(1.0))
+
+
+def test_guidance_scale_one_is_conditional() -> None:
+    cond, uncond = torch.randn(5), torch.randn(5)
+    assert torch.allclose(flow.guided_velocity(cond, uncond, 1.0), cond)
+    assert torch.allclose(flow.guided_velocity(cond, uncond, 0.0), uncond)
+
+
+def test_cosine_warmup_shape() -> None:
+    values = [flow.cosine_warmup_lr(s, warmup_steps=10, total_steps=100) for s in range(100)]
+    assert values[0] == 0.1 and values[9] == 1.0 and values[-1] < 0.2

@@ -1,0 +1,79 @@
+"""resize.py: native-aspect target sizes under an area cap, and resize + small centre crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sora_lightning.data.resize import _cover_size, fit_resolution, resize_frames
+
+
+@pytest.mark.parametrize(
+    ("size", "max_area", "multiple", "expected"),
+    [
+        ((1280, 720), 256 * 256, 16, (336, 192)),  # landscape 16:9
+        ((272, 640), 128 * 128, 16, (80, 192)),  # portrait (bikes.mp4 turned on its side)
+        ((512, 512), 128 * 128, 16, (128, 128)),  # square
+        ((176, 144), 10**6, 16, (176, 144)),  # already small: never upscaled
+        ((100, 60), 10**6, 8, (96, 56)),  # small and off-multiple: crop only
+    ],
+)
+def test_fit_resolution(
+    size: tuple[int, int], max_area: int, multiple: int, expected: tuple[int, int]
+) -> None:
+    width, height = fit_resolution(*size, max_area=max_area, multiple=multiple)
+    assert (width, height) == expected
+    assert width * height <= max_area and width % multiple == 0 and height % multiple == 0
+
+
+def test_fit_resolution_keeps_aspect_within_one_multiple() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        src_w, src_h = (int(v) for v in rng.integers(64, 2000, size=2))
+        width, height = fit_resolution(src_w, src_h, max_area=192 * 192, multiple=16)
+        assert width * height <= 192 * 192 and width <= src_w and height <= src_h
+        cover_w, cover_h = _cover_size(src_w, src_h, width, height)
+        assert 0 <= cover_w - width < 16 and 0 <= cover_h - height < 16  # crop < one multiple
+        # Cover size is the native size scaled, floored: aspect off by at most one pixel.
+        assert abs((cover_w / cover_h) / (src_w / src_h) - 1) <= 1 / min(cover_w, cover_h)
+
+
+def test_fit_resolution_refuses_impossible_sizes() -> None:
+    with pytest.raises(ValueError, match="smaller than multiple"):
+        fit_resolution(4000, 100, max_area=64 * 64, multiple=16)
+    with pytest.raises(ValueError, match="positive"):
+        fit_resolution(0, 10, max_area=100, multiple=8)
+
+
+@pytest.mark.parametrize(
+    "size", [(96, 54), (54, 96), (64, 64)], ids=["landscape", "portrait", "square"]
+)
+def test_resize_frames_shape_and_content(size: tuple[int, int]) -> None:
+    src_w, src_h = size
+    ramp = np.linspace(0, 255, src_w, dtype=np.float32)
+    frames = (
+        np.broadcast_to(ramp[None, None, :, None], (3, src_h, src_w, 3)).round().astype(np.uint8)
+    )
+    width, height = fit_resolution(src_w, src_h, max_area=32 * 32, multiple=8)
+    out = resize_frames(frames, width, height)
+    assert (
+        isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (3, height, width, 3)
+    )
+    # A horizontal ramp stays a ramp spanning (almost) the full range: only a few pixels cropped.
+    row = out[0, height // 2, :, 0].astype(np.float32)
+    assert np.all(np.diff(row) >= 0) and row[0] < 40 and row[-1] > 215
+    assert np.abs(out[:, :, :, 0].astype(int) - out[:, :, :, 2]).max() == 0
+
+
+def test_resize_frames_identity_and_torch_input() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (2, 24, 40, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_frames(frames, 40, 24), frames)
+    out = resize_frames(torch.from_numpy(frames), 20, 12)
+    assert (
+        isinstance(out, torch.Tensor) and out.shape == (2, 12, 20, 3) and out.dtype == torch.uint8
+    )
+    flat = np.full((1, 30, 50, 3), 77, np.uint8)
+    assert np.all(resize_frames(flat, 24, 16) == 77)
+    with pytest.raises(ValueError, match="uint8"):
+        resize_frames(frames.astype(np.float32), 20, 12)
