@@ -27,10 +27,11 @@ from sora_lightning.models.layers import (
     RMSNorm,
     RotaryEmbedding3D,
     TimestepEmbedder,
-    apply_rotary,
+    apply_rotary_freqs,
     attention,
     modulate,
     rope_axis_dims,
+    rotary_freqs,
 )
 from sora_lightning.models.patches import cu_to_sample_index
 
@@ -120,12 +121,22 @@ class PackedLayout(NamedTuple):
     text_cu_seqlens: Tensor  # [B+1]
     max_seqlen: int
     max_text_seqlen: int
-    rope_cos: Tensor  # [L, head_dim/2]
-    rope_sin: Tensor  # [L, head_dim/2]
+    rope_freqs: Tensor  # [L, 1, head_dim/2] complex rotations, built once per forward
 
 
 def _max_length(cu_seqlens: Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def per_token(values: Tensor, sample_index: Tensor) -> Tensor:
+    """Per-sample values [B, k, D] -> values for each token, broadcastable to [L, k, D].
+
+    One sample needs no gather: its [k, D] broadcasts over the tokens, which saves an
+    [L, k, D] copy forward and a scatter-add backward in every block.
+    """
+    if values.shape[0] == 1:
+        return values[0]  # [k, D]
+    return values.index_select(0, sample_index)  # [L, k, D]
 
 
 class SelfAttention(nn.Module):
@@ -133,7 +144,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
@@ -141,12 +152,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, layout: PackedLayout) -> Tensor:
         """[L, D] -> [L, D]."""
-        qkv = self.qkv(x).unflatten(-1, (3, self.cfg.num_heads, self.cfg.head_dim))
+        qkv = self.qkv(x).unflatten(-1, (3, self.config.num_heads, self.config.head_dim))
         q, k, v = qkv.unbind(1)  # each [L, heads, head_dim]
-        q = apply_rotary(self.q_norm(q), layout.rope_cos, layout.rope_sin)
-        k = apply_rotary(self.k_norm(k), layout.rope_cos, layout.rope_sin)
+        q = apply_rotary_freqs(self.q_norm(q), layout.rope_freqs)
+        k = apply_rotary_freqs(self.k_norm(k), layout.rope_freqs)
         cu, max_len = layout.cu_seqlens, layout.max_seqlen
-        out = attention(q, k, v, cu, cu, max_len, max_len, backend=self.cfg.attn_backend)
+        out = attention(q, k, v, cu, cu, max_len, max_len, backend=self.config.attn_backend)
         return self.proj(out.flatten(1))
 
 
@@ -155,7 +166,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
@@ -164,7 +175,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, layout: PackedLayout) -> Tensor:
         """[L, D], [S, D] -> [L, D]."""
-        heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+        heads, head_dim = self.config.num_heads, self.config.head_dim
         q = self.q_norm(self.q(x).unflatten(-1, (heads, head_dim)))  # [L, heads, head_dim]
         k, v = self.kv(context).unflatten(-1, (2, heads, head_dim)).unbind(1)  # [S, heads, hd]
         out = attention(
@@ -175,7 +186,7 @@ class CrossAttention(nn.Module):
             layout.text_cu_seqlens,
             layout.max_seqlen,
             layout.max_text_seqlen,
-            backend=self.cfg.attn_backend,
+            backend=self.config.attn_backend,
         )
         return self.proj(out.flatten(1))
 
@@ -207,13 +218,13 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, time_mod: Tensor, layout: PackedLayout) -> Tensor:
         """x [L, D], context [S, D], time_mod [B, 6, D] -> [L, D]."""
-        mods = (time_mod + self.modulation)[layout.sample_index]  # [L, 6, D]
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.unbind(1)  # each [L, D]
+        mods = per_token(time_mod + self.modulation, layout.sample_index)  # [L or 1, 6, D]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.unbind(-2)  # each [L, D]
         attn_in = modulate(self.norm_attn(x), shift_a, scale_a)  # [L, D]
-        x = x + gate_a * self.self_attn(attn_in, layout)  # [L, D]
+        x = torch.addcmul(x, gate_a, self.self_attn(attn_in, layout))  # [L, D]
         x = x + self.cross_attn(self.norm_cross(x), context, layout)  # [L, D]
         mlp_in = modulate(self.norm_mlp(x), shift_m, scale_m)  # [L, D]
-        return x + gate_m * self.mlp(mlp_in)  # [L, D]
+        return torch.addcmul(x, gate_m, self.mlp(mlp_in))  # [L, D]
 
 
 class FinalLayer(nn.Module):
@@ -227,7 +238,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, time_emb: Tensor, sample_index: Tensor) -> Tensor:
         """x [L, D], time_emb [B, D] -> [L, P]."""
-        shift, scale = (time_emb[:, None] + self.modulation)[sample_index].unbind(1)  # [L, D]
+        shift, scale = per_token(time_emb[:, None] + self.modulation, sample_index).unbind(-2)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -240,7 +251,7 @@ class DiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         hidden = cfg.hidden_size
         self.patch_embed = nn.Linear(cfg.embed_in_dim, hidden)
         self.text_embed = nn.Sequential(
@@ -313,13 +324,13 @@ class DiT(nn.Module):
         time_mod: Tensor,
         layout: PackedLayout,
     ) -> Tensor:
-        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, tokens, context, time_mod, layout, use_reentrant=False)
         return block(tokens, context, time_mod, layout)
 
     def _embed_inputs(self, x: Tensor, cond: Tensor | None, cond_mask: Tensor | None) -> Tensor:
         """[L, P] -> [L, 2P+1]: noisy tokens, clean conditioning tokens and their mask."""
-        if not self.cfg.use_conditioning:
+        if not self.config.use_conditioning:
             if cond is not None or cond_mask is not None:
                 raise ValueError("cond given but DiTConfig.use_conditioning is False")
             return x
@@ -346,10 +357,10 @@ class DiT(nn.Module):
     ) -> PackedLayout:
         """Check the packed inputs agree with each other and precompute per-batch bookkeeping."""
         num_samples = cu_seqlens.numel() - 1
-        if x.ndim != 2 or x.shape[1] != self.cfg.patch_dim:
-            raise ValueError(f"x must be [L, {self.cfg.patch_dim}], got {tuple(x.shape)}")
-        if text.ndim != 2 or text.shape[1] != self.cfg.text_dim:
-            raise ValueError(f"text must be [S, {self.cfg.text_dim}], got {tuple(text.shape)}")
+        if x.ndim != 2 or x.shape[1] != self.config.patch_dim:
+            raise ValueError(f"x must be [L, {self.config.patch_dim}], got {tuple(x.shape)}")
+        if text.ndim != 2 or text.shape[1] != self.config.text_dim:
+            raise ValueError(f"text must be [S, {self.config.text_dim}], got {tuple(text.shape)}")
         shapes_ok = (
             grid_sizes.shape == (num_samples, 3)
             and timesteps.shape == (num_samples,)
@@ -372,6 +383,5 @@ class DiT(nn.Module):
             text_cu_seqlens=text_cu_seqlens,
             max_seqlen=_max_length(cu_seqlens),
             max_text_seqlen=_max_length(text_cu_seqlens),
-            rope_cos=rope_cos.to(x.device),
-            rope_sin=rope_sin.to(x.device),
+            rope_freqs=rotary_freqs(rope_cos, rope_sin).to(x.device),
         )

@@ -158,7 +158,7 @@ def test_activation_checkpointing_gives_same_gradients(tiny_cfg: DiTConfig) -> N
     batch = make_batch(tiny_cfg)
     grads = []
     for checkpointing in (False, True):
-        model.cfg.activation_checkpointing = checkpointing
+        model.config.activation_checkpointing = checkpointing
         model.zero_grad()
         model(**batch).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -190,3 +190,12 @@ def test_bf16_autocast_runs_and_tracks_fp32(tiny_cfg: DiTConfig) -> None:
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_meta_model_materializes_and_initializes(tiny_cfg: DiTConfig) -> None:
+    model = DiT.from_config_on_meta(tiny_cfg).to_empty(device="cpu")
+    model.init_weights()
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert torch.count_nonzero(model(**make_batch(tiny_cfg))) == 0
+    assert model.blocks[0].self_attn.qkv.weight.std() > 0  # really initialised, not left empty

@@ -1,0 +1,64 @@
+"""The benchmarks in tools/bench run at tiny sizes and print one JSON line with their keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def printed_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_dit_step_prints_throughput_of_both_models(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("diffusers")
+    argv = "--hidden 48 --depth 1 --heads 4 --channels 4 --frames 2 --height 4 --width 4"
+    argv += (
+        " --text-len 3 --text-dim 16 --batch 2 --warmup 0 --iters 1 --threads 1 --matmul-size 64"
+    )
+    result = load_bench("dit_step").main(argv.split())
+    assert printed_json(capsys) == json.loads(json.dumps(result))
+    for key in ("ours_tokens_per_s", "peer_tokens_per_s", "ratio", "mfu"):
+        assert result[key] > 0, key
+    assert result["video_tokens"] == 2 * 2 * 2 * 2
+    # same width, depth, heads and MLP: the two models must be within 5% in size
+    assert abs(result["params_ours"] / result["params_peer"] - 1) < 0.05
+    assert result["config"]["hidden"] == 48 and result["config"]["mlp"] == 192
+
+
+def test_vae_memory_reports_ratios_from_two_subprocesses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = "--short 1 --long 9 --size 8 --chunk-frames 4 --chunk-latents 1 --threads 1"
+    result = load_bench("vae_memory").main(argv.split())
+    assert printed_json(capsys) == json.loads(json.dumps(result))
+    assert result["peak_ratio_long_vs_short"] > 0 and result["time_ratio"] > 0
+    assert result["frame_ratio"] == 9
+    assert (result["short"]["frames"], result["long"]["frames"]) == (1, 9)
+    for case in (result["short"], result["long"]):
+        assert case["peak_rss_bytes"] >= case["baseline_rss_bytes"] > 0
+    assert result["long"]["output_bytes"] > result["short"]["output_bytes"]
