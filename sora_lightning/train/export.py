@@ -1,15 +1,124 @@
 """Export a trained model as one folder of safetensors + JSON that `sora-sample` loads.
 
 Usage: python -m sora_lightning.train.export --dit RUN/dit/final --vae RUN/vae --output RUN/export
+   or: python -m sora_lightning.train.export --checkpoint RUN/dit/checkpoints/step=N.ckpt --output OUT
+The second form consolidates a sharded training checkpoint (DeepSpeed ZeRO-3 folder, FSDP2 / torch
+DCP folder) or a plain Lightning `.ckpt` into one safetensors file, with no process group needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from sora_lightning.train.weights import load_dit, load_vae, read_module_meta, save_module
+import torch
+
+from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.train.weights import (
+    load_dit,
+    load_vae,
+    read_module_meta,
+    save_module,
+    torch_load_safe,
+)
+
+WRAPPER_PREFIXES = ("_forward_module.", "_checkpoint_wrapped_module.", "module.")
+
+
+def _strip(key: str) -> str:
+    """Drop the prefixes Lightning/DeepSpeed/checkpoint_wrapper put in front of parameter names."""
+    for prefix in WRAPPER_PREFIXES:
+        key = key.replace(prefix, "")
+    return key
+
+
+def _load_zero3(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fp32 weights merged from every rank's ZeRO partitions (frozen EMA included) + Lightning's extras."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    model_states = sorted(
+        (folder / (folder / "latest").read_text().strip()).glob("*model_states.pt")
+    )
+    extras = torch_load_safe(
+        model_states[0]
+    )  # Lightning's extras ride in DeepSpeed's model-states file
+    return state, extras
+
+
+def _load_dcp(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full tensors from a torch.distributed.checkpoint folder, read in one process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    loaded: dict[str, Any] = {}
+    _load_state_dict(
+        loaded,
+        storage_reader=FileSystemReader(folder),
+        planner=_EmptyStateDictLoadPlanner(),
+        no_dist=True,
+    )
+    extras = torch_load_safe(folder / "meta.pt") if (folder / "meta.pt").is_file() else {}
+    return loaded["state_dict"], extras
+
+
+def consolidate_checkpoint(path: str | Path, weights: str = "ema") -> tuple[DiT, dict[str, Any]]:
+    """A DiT with the full `weights` ("ema" or "dit") of a training checkpoint, and its hyperparameters.
+
+    Accepts a DeepSpeed ZeRO-3 folder, a DCP folder (FSDP2) or a plain `.ckpt` file, so weights
+    trained under any strategy reach `sora-sample` the same way.
+    """
+    path = Path(path)
+    if weights not in ("ema", "dit"):
+        raise ValueError(f"weights must be 'ema' or 'dit', got {weights!r}")
+    if path.is_dir() and (path / "latest").is_file():
+        state, extras = _load_zero3(path)
+    elif path.is_dir() and (path / ".metadata").is_file():
+        state, extras = _load_dcp(path)
+    elif path.is_file():
+        extras = torch_load_safe(path)
+        state = extras["state_dict"]
+    else:
+        raise FileNotFoundError(f"{path} is not a checkpoint file, DeepSpeed folder or DCP folder")
+    hparams = extras.get("hyper_parameters")
+    if not hparams:
+        raise ValueError(
+            f"{path} holds no hyper_parameters; was it written by sora-train task=dit?"
+        )
+    prefix = f"{weights}."
+    module_state = {
+        _strip(k)[len(prefix) :]: v.float()
+        for k, v in state.items()
+        if _strip(k).startswith(prefix)
+    }
+    dit = DiT(
+        DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hparams["dit"].items()})
+    )
+    dit.load_state_dict(module_state)
+    return dit.eval(), {
+        "meta": hparams.get("meta") or {},
+        "steps": int(extras.get("global_step", -1)),
+    }
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    vae_dir: str | Path | None = None,
+    weights: str = "ema",
+) -> Path:
+    """Consolidate a (sharded) training checkpoint, then bundle it with its VAE like `export_bundle`."""
+    dit, extra = consolidate_checkpoint(checkpoint, weights)
+    vae_dir = vae_dir or extra["meta"].get("vae_dir")
+    if not vae_dir:
+        raise ValueError("the checkpoint names no VAE folder; pass --vae")
+    with tempfile.TemporaryDirectory() as staging:
+        save_module(dit, dit.config, staging, "dit", extra)
+        return export_bundle(staging, vae_dir, output)
 
 
 def export_bundle(dit_dir: str | Path, vae_dir: str | Path, output: str | Path) -> Path:
@@ -21,18 +130,39 @@ def export_bundle(dit_dir: str | Path, vae_dir: str | Path, output: str | Path) 
     extra = {k: v for k, v in meta.items() if k != "config"}
     extra["meta"] = {**extra.get("meta", {}), "vae_dir": "."}
     save_module(dit, dit.config, output, "dit", extra)
-    save_module(vae, vae.config, output, "vae", {k: v for k, v in read_module_meta(vae_dir, "vae").items() if k != "config"})
+    save_module(
+        vae,
+        vae.config,
+        output,
+        "vae",
+        {k: v for k, v in read_module_meta(vae_dir, "vae").items() if k != "config"},
+    )
     shutil.copy(Path(dit_dir) / "dit.json", output / "dit.source.json")
     return output
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dit", required=True, help="folder with dit.safetensors + dit.json")
-    parser.add_argument("--vae", required=True, help="folder with vae.safetensors + vae.json")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dit", help="folder with dit.safetensors + dit.json")
+    source.add_argument(
+        "--checkpoint", help="training checkpoint: ZeRO-3 folder, FSDP2/DCP folder or .ckpt file"
+    )
+    parser.add_argument(
+        "--weights", default="ema", choices=("ema", "dit"), help="with --checkpoint: which weights"
+    )
+    parser.add_argument(
+        "--vae", help="folder with vae.safetensors + vae.json (default: the one training used)"
+    )
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    print(f"exported to {export_bundle(args.dit, args.vae, args.output)}")
+    if args.checkpoint:
+        output = export_checkpoint(args.checkpoint, args.output, args.vae, args.weights)
+    elif not args.vae:
+        parser.error("--dit needs --vae")
+    else:
+        output = export_bundle(args.dit, args.vae, args.output)
+    print(f"exported to {output}")
 
 
 if __name__ == "__main__":
