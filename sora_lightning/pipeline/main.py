@@ -59,15 +59,20 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """Validate the config, then run the requested steps locally."""
+    """Validate the config, then run the requested steps locally or as dependent SLURM jobs."""
     validate(OmegaConf.merge(cfg, {"task": "vae", "data": {"shards": "x"}}))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     names = list(cfg.pipeline.steps) if cfg.pipeline.get("steps") else None
-    if cfg.launcher.name != "local":
-        raise ValueError(f"launcher={cfg.launcher.name} is not available yet for the pipeline; use launcher=local")
-    results = run_local(cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force))
+    if cfg.launcher.name == "slurm":
+        from sora_lightning.pipeline.slurm_runner import run_slurm
+
+        results = run_slurm(cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force))
+    elif cfg.launcher.name == "local":
+        results = run_local(cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force))
+    else:
+        raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     return summarize(results, run_dir)
 
 
