@@ -18,6 +18,7 @@ from sora_lightning.data.packing import PackedBatch
 from sora_lightning.diffusion import flow
 from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.models.patches import cu_to_sample_index
+from sora_lightning.parallel.strategies import parallelize_module
 from sora_lightning.train.curriculum import Curriculum
 
 
@@ -41,7 +42,7 @@ class DiTModule(L.LightningModule):
 
     def __init__(self, dit: dict[str, Any], curriculum: dict[str, Any], *, seed: int = 0,
                  flow_cfg: dict[str, Any] | None = None, weight_decay: float = 0.0, ema_decay: float = 0.999,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, parallel: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.dit_config = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in dit.items()})
@@ -49,6 +50,14 @@ class DiTModule(L.LightningModule):
         self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
         self.curriculum = Curriculum(**curriculum)
         self.flow_cfg = FlowConfig(**(flow_cfg or {}))
+        self._step_skipped = False
+        self._parallelized = False
+
+    def configure_model(self) -> None:
+        """Parallelism from outside the model: activation checkpointing, FSDP2 sharding (strategy config)."""
+        if not self._parallelized:
+            parallelize_module(self.dit, self.ema, self.trainer.strategy, self.hparams.parallel or {})
+            self._parallelized = True
 
     def _timesteps(self, batch: PackedBatch, generator: torch.Generator) -> Tensor:
         t = flow.sample_logit_normal(batch.num_samples, mean=self.flow_cfg.logit_mean,
@@ -72,10 +81,10 @@ class DiTModule(L.LightningModule):
                         cond=batch.cond, cond_mask=batch.cond_mask)  # [L, P]
         loss = flow.flow_loss(pred, flow.velocity_target(batch.x, noise), sample_index, batch.num_samples,
                               loss_mask=1.0 - cond_mask)
+        self._log_step(loss, batch)  # a skipped step logs its NaN: Lightning would repeat the last good value
         if not self._all_finite(loss):
-            self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum")
-            return None  # skip backward and the optimizer step on every rank
-        self._log_step(loss, batch)
+            self._step_skipped = True  # counted, and acted on after K in a row, by train.guards.NonFiniteGuard
+            return None  # skip backward, the optimizer update and the EMA update on every rank
         return loss
 
     def _all_finite(self, loss: Tensor) -> bool:
@@ -92,21 +101,31 @@ class DiTModule(L.LightningModule):
         self.log("train/stage", float(stage_index), prog_bar=True)
         self.log("train/packing_efficiency", float(batch.efficiency))
         self.log("train/samples_per_batch", float(batch.num_samples))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().norm() for p in self.dit.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]  # None under ZeRO-3
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._update_ema()
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """EMA right after the update and before any callback runs: a checkpoint written in
+        `on_train_batch_end` must already hold this step's EMA, or a run resumed from it drifts."""
+        self._step_skipped = False
+        super().optimizer_step(*args, **kwargs)
+        if not self._step_skipped:
+            self._update_ema()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         """EMA with a warmup so early steps are not dominated by the random init."""
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         for ema_param, param in zip(self.ema.parameters(), self.dit.parameters(), strict=True):
-            ema_param.lerp_(param.detach(), 1.0 - decay)
+            if hasattr(param, "ds_tensor"):  # ZeRO-3: both partitioned alike, update the local shard
+                ema_param.ds_tensor.lerp_(param.ds_tensor.to(ema_param.ds_tensor.dtype), 1.0 - decay)
+            else:  # plain tensors, or FSDP2 DTensors with matching placements (local lerp)
+                ema_param.lerp_(param.detach(), 1.0 - decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         base_lr = max(s.lr for s in self.curriculum.stages)

@@ -13,18 +13,33 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from sora_lightning.data.datamodule import DiTDataModule, VAEDataModule
 from sora_lightning.data.latent_cache import CacheSettings, cache_key, read_cache_meta
+from sora_lightning.launch.slurm import preemption_callbacks
+from sora_lightning.models.dit import DiT
 from sora_lightning.models.text import TextEncoder
-from sora_lightning.parallel.strategies import build_strategy
+from sora_lightning.parallel.strategies import (
+    SHARDED,
+    ShardReport,
+    build_strategy,
+    find_sharded_checkpoint,
+    gathered_state_dict,
+)
 from sora_lightning.train.callbacks import ThroughputMonitor, VideoSampleLogger
-from sora_lightning.train.checkpoint import find_resume_checkpoint
+from sora_lightning.train.checkpoint import (
+    CheckpointConfig,
+    build_checkpointing,
+    resolve_resume,
+    verify_checkpoint,
+)
 from sora_lightning.train.dit_module import DiTModule
+from sora_lightning.train.guards import guard_from_config
 from sora_lightning.train.vae_module import VAEModule
 from sora_lightning.train.weights import config_to_dict, load_vae, save_module
 from sora_lightning.utils import state_dict_hash
@@ -44,9 +59,18 @@ def validate(cfg: DictConfig) -> None:
         for key in ("cache_dir", "vae_dir"):
             if not cfg.data.get(key):
                 raise ValueError(f"task=dit needs data.{key}; run the pipeline's earlier steps or set it")
-    instantiate(cfg.curriculum, _convert_="all")  # raises ValueError on a bad stage
-    instantiate(cfg.model.dit, _convert_="all")
-    instantiate(cfg.model.vae, _convert_="all")
+    for key in ("curriculum", "model.dit", "model.vae", "model.text"):
+        _check_node(cfg, key)
+
+
+def _check_node(cfg: DictConfig, key: str) -> None:
+    """Build one typed config so its `__post_init__` checks run now, with the key in the message."""
+    node = OmegaConf.select(cfg, key)
+    try:
+        instantiate(node, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__ if error.__cause__ is not None else error
+        raise ValueError(f"bad config at `{key}`: {cause}") from error
 
 
 def expand_shards(spec: Any) -> list[str]:
@@ -58,22 +82,40 @@ def expand_shards(spec: Any) -> list[str]:
     return paths
 
 
+def _world_size(trainer_kwargs: dict[str, Any]) -> int | None:
+    devices, nodes = trainer_kwargs.get("devices"), trainer_kwargs.get("num_nodes", 1)
+    return devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, max_steps: int, extra_callbacks: list[L.Callback]) -> L.Trainer:
     """Trainer with TensorBoard, periodic checkpoints (keep last k) and progress bars."""
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["max_steps"] = max_steps
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="{step}", monitor="step", mode="max",
-                                  every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep_last)
-    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=5), *extra_callbacks]
+    checkpoints, plugins = build_checkpointing(CheckpointConfig(**cfg.checkpoint), run_dir / "checkpoints",
+                                               sharded=cfg.strategy.name in SHARDED)
+    progress = [TQDMProgressBar(refresh_rate=5)] if trainer_kwargs.get("enable_progress_bar", True) else []
+    guards = [guard_from_config(cfg.get("nonfinite"), run_dir / "checkpoints")] if cfg.task == "dit" else []
+    callbacks = [*checkpoints, *progress, *guards, *extra_callbacks, *preemption_callbacks()]
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
     return L.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks, use_distributed_sampler=False,
-                     strategy=build_strategy(OmegaConf.to_container(cfg.strategy)), **trainer_kwargs)
+                     plugins=plugins, strategy=build_strategy(OmegaConf.to_container(cfg.strategy), _world_size(trainer_kwargs)),
+                     **trainer_kwargs)
 
 
-def _fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path) -> None:
-    resume = find_resume_checkpoint(run_dir / "checkpoints")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    trainer.save_checkpoint(run_dir / "checkpoints" / f"step={trainer.global_step}.ckpt")
+def _fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path,
+         resume_from: str | None = None) -> None:
+    """Fit from the requested checkpoint or the newest that verifies (weights_only), then save the final one."""
+    sharded = trainer.strategy.__class__.__name__ in ("CPUCapableDeepSpeedStrategy", "ModelParallelStrategy")
+    if sharded:  # ZeRO-3 / DCP write folders through their own I/O
+        resume = find_sharded_checkpoint(run_dir / "checkpoints")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    else:
+        resume = resolve_resume(resume_from, run_dir / "checkpoints")  # loaded by AtomicCheckpointIO: weights_only
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    final = run_dir / "checkpoints" / f"step={trainer.global_step}.ckpt"
+    missing = sharded or verify_checkpoint(final) is not None  # never overwrite a good one (keep_last=1 would lose it)
+    if trainer.strategy.broadcast(missing, src=0):  # rank 0 decides: save_checkpoint has a barrier inside
+        trainer.save_checkpoint(final)
 
 
 def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -87,7 +129,7 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                frame_choices=tuple(hp.frame_choices), max_area=cfg.cache.max_area,
                                multiple=cfg.cache.multiple, seed=cfg.seed, num_steps=steps, num_workers=cfg.data.num_workers)
     trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor()])
-    _fit(trainer, module, datamodule, run_dir)
+    _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
     save_module(module.vae, vae_cfg, run_dir, "vae", {"steps": trainer.global_step})
     return {"task": "vae", "steps": trainer.global_step, "weights": str(run_dir / "vae.safetensors"),
             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
@@ -115,15 +157,18 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     steps = cfg.trainer.get("max_steps") or curriculum.total_steps
     hp = cfg.dit_train
     module = DiTModule(config_to_dict(dit_cfg), curriculum.to_dict(), seed=cfg.seed, weight_decay=hp.weight_decay,
-                       ema_decay=hp.ema_decay, meta=meta)
+                       ema_decay=hp.ema_decay, meta=meta, parallel=OmegaConf.to_container(cfg.strategy, resolve=True))
     datamodule = DiTDataModule(cfg.data.cache_dir, curriculum, expected_key=expected, patch_size=dit_cfg.patch_size,
                                spatial_factor=vae.config.spatial_factor, temporal_factor=vae.config.temporal_factor,
                                seed=cfg.seed, caption_probs=dict(cfg.data.caption_probs),
                                text_dropout=cfg.data.text_dropout, num_steps=steps, num_workers=cfg.data.num_workers)
     samples = VideoSampleLogger(list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, **hp.sample_options)
-    trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor(), samples])
-    _fit(trainer, module, datamodule, run_dir)
-    save_module(module.ema, dit_cfg, run_dir / "final", "dit", {"meta": meta, "steps": trainer.global_step})
+    trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor(), samples, ShardReport(run_dir / "sharding")])
+    _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
+    ema = DiT(dit_cfg)  # gathered from ZeRO-3 partitions / FSDP2 shards (a no-op copy otherwise)
+    ema.load_state_dict(gathered_state_dict(module.ema))
+    if trainer.is_global_zero:
+        save_module(ema, dit_cfg, run_dir / "final", "dit", {"meta": meta, "steps": trainer.global_step})
     return {"task": "dit", "steps": trainer.global_step, "weights": str(run_dir / "final" / "dit.safetensors"),
             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
 
@@ -141,7 +186,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console entry point `sora-train`."""
-    summary = train(cfg)
+    if cfg.launcher.name == "slurm":
+        from sora_lightning.launch.slurm import launch_training
+
+        summary = launch_training(cfg)
+    elif cfg.launcher.name == "local":
+        from sora_lightning.launch.slurm import train_in_job
+
+        summary = train_in_job(cfg)  # plain train(cfg), plus SIGUSR2 handling when started by srun
+    else:
+        raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     print(summary)
 
 

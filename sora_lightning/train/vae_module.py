@@ -39,6 +39,7 @@ class VAEModule(L.LightningModule):
                          mse_weight=self.hparams.mse_weight, kl_weight=self.hparams.kl_weight)
         self.log_dict({f"vae/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
         self.log("train/loss", terms["loss"].detach(), prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return terms["loss"]
 
     def configure_optimizers(self) -> dict[str, Any]:
