@@ -141,7 +141,7 @@ def read_cache_meta(cache_dir: str | Path, expected_key: str | None = None) -> d
 
 def _iter_cache_records(path: Path) -> Iterator[tuple[str, bytes]]:
     """(key, safetensors bytes) of one cache shard; explicit decoding only, never unpickling."""
-    for record in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+    for record in wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None):
         if "safetensors" in record:
             yield record["__key__"], record["safetensors"]
 
