@@ -41,7 +41,11 @@ class VAEConfig:
     num_res_blocks: int = 1
     """Residual blocks per level in the encoder and in the decoder."""
     norm_groups: int = 8
-    """GroupNorm groups; must divide every level's channel count."""
+    """GroupNorm groups (norm="group" only); must divide every level's channel count."""
+    norm: str = "rms"
+    """"rms": RMSNorm over channels at each pixel (Wan's choice: no spatial pooling, so colour
+    levels survive on flat synthetic frames and spatial tiles compute exactly what the whole frame
+    does); "group": GroupNorm over each frame's (C, H, W)."""
 
     def __post_init__(self) -> None:
         # Hydra hands lists (ListConfig); tuples keep the config hashable and comparable.
@@ -54,6 +58,8 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if not self.channel_mults or min(self.channel_mults) <= 0:
             raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
+        if self.norm not in ("rms", "group"):
+            raise ValueError(f"VAEConfig.norm must be 'rms' or 'group', got {self.norm!r}")
         if len(self.temporal_downsample) != len(self.channel_mults) - 1:
             raise ValueError(
                 f"temporal_downsample needs one entry per downsampling level "
@@ -61,7 +67,7 @@ class VAEConfig:
                 f"got {len(self.temporal_downsample)}"
             )
         for mult in self.channel_mults:
-            if (self.base_channels * mult) % self.norm_groups != 0:
+            if self.norm == "group" and (self.base_channels * mult) % self.norm_groups != 0:
                 raise ValueError(
                     f"norm_groups={self.norm_groups} does not divide level channels "
                     f"{self.base_channels * mult}; pick a divisor of base_channels"
@@ -152,14 +158,33 @@ class FrameGroupNorm(nn.GroupNorm):
         return frames.reshape(b, t, c, h, w).transpose(1, 2)
 
 
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm over channels at every (frame, pixel): touches neither time nor space."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, T, H, W] -> same shape."""
+        scale = torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return x * scale * self.weight
+
+
+def make_norm(norm: str, norm_groups: int, channels: int) -> nn.Module:
+    """The configured per-frame normalisation for `channels` channels."""
+    return ChannelRMSNorm(channels) if norm == "rms" else FrameGroupNorm(norm_groups, channels)
+
+
 class ResBlock3D(nn.Module):
     """Pre-norm residual block of two causal 3x3x3 convs."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, norm: str = "rms") -> None:
         super().__init__()
-        self.norm1 = FrameGroupNorm(norm_groups, in_channels)
+        self.norm1 = make_norm(norm, norm_groups, in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels)
-        self.norm2 = FrameGroupNorm(norm_groups, out_channels)
+        self.norm2 = make_norm(norm, norm_groups, out_channels)
         self.conv2 = CausalConv3d(out_channels, out_channels)
         self.skip = (
             nn.Conv3d(in_channels, out_channels, 1)
@@ -231,13 +256,13 @@ class Encoder(nn.Module):
         current = channels[0]
         for level, width in enumerate(channels):
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock3D(current, width, config.norm_groups))
+                blocks.append(ResBlock3D(current, width, config.norm_groups, config.norm))
                 current = width
             if level < len(channels) - 1:
                 blocks.append(Downsample(current, config.temporal_downsample[level]))
-        blocks.append(ResBlock3D(current, current, config.norm_groups))
+        blocks.append(ResBlock3D(current, current, config.norm_groups, config.norm))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = FrameGroupNorm(config.norm_groups, current)
+        self.norm_out = make_norm(config.norm, config.norm_groups, current)
         self.conv_out = CausalConv3d(current, 2 * config.latent_channels)
 
     def forward(self, video: Tensor, cache: CausalCache | None = None) -> Tensor:
@@ -256,15 +281,15 @@ class Decoder(nn.Module):
         channels = [config.base_channels * m for m in config.channel_mults]
         current = channels[-1]
         self.conv_in = CausalConv3d(config.latent_channels, current)
-        blocks: list[nn.Module] = [ResBlock3D(current, current, config.norm_groups)]
+        blocks: list[nn.Module] = [ResBlock3D(current, current, config.norm_groups, config.norm)]
         for level in reversed(range(len(channels))):
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock3D(current, channels[level], config.norm_groups))
+                blocks.append(ResBlock3D(current, channels[level], config.norm_groups, config.norm))
                 current = channels[level]
             if level > 0:
                 blocks.append(Upsample(current, config.temporal_downsample[level - 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.norm_out = FrameGroupNorm(config.norm_groups, current)
+        self.norm_out = make_norm(config.norm, config.norm_groups, current)
         self.conv_out = CausalConv3d(current, config.in_channels)
 
     def forward(self, z: Tensor, cache: CausalCache | None = None) -> Tensor:

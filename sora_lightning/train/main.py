@@ -124,7 +124,8 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     hp = cfg.vae_train
     steps = cfg.trainer.get("max_steps") or hp.steps
     module = VAEModule(config_to_dict(vae_cfg), lr=hp.lr, warmup_steps=hp.warmup_steps, total_steps=steps,
-                       l1_weight=hp.l1_weight, mse_weight=hp.mse_weight, kl_weight=hp.kl_weight)
+                       l1_weight=hp.l1_weight, mse_weight=hp.mse_weight, kl_weight=hp.kl_weight,
+                       sample_posterior=hp.get("sample_posterior", True))
     datamodule = VAEDataModule(expand_shards(cfg.data.shards), batch_size=hp.batch_size, crop=hp.crop,
                                frame_choices=tuple(hp.frame_choices), max_area=cfg.cache.max_area,
                                multiple=cfg.cache.multiple, seed=cfg.seed, num_steps=steps, num_workers=cfg.data.num_workers)

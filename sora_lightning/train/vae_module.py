@@ -27,13 +27,13 @@ class VAEModule(L.LightningModule):
 
     def __init__(self, vae: dict[str, Any], *, lr: float = 3e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 50, total_steps: int = 1000, l1_weight: float = 1.0,
-                 mse_weight: float = 1.0, kl_weight: float = 1e-4) -> None:
+                 mse_weight: float = 1.0, kl_weight: float = 1e-4, sample_posterior: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.vae = VideoVAE(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae.items()}))
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        recon, posterior = self.vae(batch)  # [B, 3, T, H, W]
+        recon, posterior = self.vae(batch, sample_posterior=self.hparams.sample_posterior)  # [B, 3, T, H, W]
         num_latent = posterior.mean[0].numel()
         terms = vae_loss(recon, batch, posterior.kl(), num_latent, l1_weight=self.hparams.l1_weight,
                          mse_weight=self.hparams.mse_weight, kl_weight=self.hparams.kl_weight)

@@ -143,7 +143,9 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="temporal_downsample"):
         VAEConfig(channel_mults=(1, 2), temporal_downsample=(True, True))
     with pytest.raises(ValueError, match="norm_groups"):
-        VAEConfig(base_channels=12, norm_groups=8)
+        VAEConfig(base_channels=12, norm_groups=8, norm="group")
+    with pytest.raises(ValueError, match="norm"):
+        VAEConfig(norm="batch")
 
 
 def test_chunked_equals_whole(vae: VideoVAE) -> None:
@@ -168,8 +170,9 @@ def test_chunked_equals_whole(vae: VideoVAE) -> None:
 def test_tiled_close_to_whole(vae: VideoVAE) -> None:
     """Blended tiles stay close to the untiled result and beat tiles that merely abut.
 
-    Tiling is approximate: each tile's per-frame GroupNorm sees that tile's statistics only
-    (with the norms removed this error drops to ~2%), hence the loose bound.
+    Tiling is approximate only through zero padding at tile borders (the default per-pixel
+    RMSNorm pools nothing over space; GroupNorm would see each tile's statistics only and gives
+    ~11% error, which is why it is not the default).
     """
     video = smooth_video(frames=1, size=96)
     with torch.no_grad():
@@ -178,13 +181,13 @@ def test_tiled_close_to_whole(vae: VideoVAE) -> None:
         abutting = vae.encode_chunked(video, 4, tile_size=48, tile_overlap=0).mean
         assert tiled.shape == whole.shape
         error = (tiled - whole).abs().mean() / whole.std()
-        assert error < 0.15
+        assert error < 0.05
         assert error < 0.7 * (abutting - whole).abs().mean() / whole.std()
 
         decoded = vae.decode(whole)
         tiled_decoded = vae.decode_chunked(whole, 2, tile_size=64, tile_overlap=32)
         assert tiled_decoded.shape == decoded.shape
-        assert (tiled_decoded - decoded).abs().mean() / decoded.std() < 0.15
+        assert (tiled_decoded - decoded).abs().mean() / decoded.std() < 0.08
     with pytest.raises(ValueError, match="tile_size"):
         vae.encode_chunked(video, 4, tile_size=30, tile_overlap=8)
 
