@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sora_lightning.data.clips import decode_sample, fit_clip, frame_indices, to_model_range, valid_length
+from sora_lightning.data.clips import (
+    decode_sample,
+    fit_clip,
+    frame_indices,
+    to_model_range,
+    valid_length,
+)
 from sora_lightning.data.latent_cache import CachedSample, load_cache
 from sora_lightning.data.packing import PackedBatch, pack_samples, plan_packs
 from sora_lightning.data.shards import RawSample, load_samples

@@ -13,7 +13,7 @@ space with blended overlaps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -141,7 +141,7 @@ class CausalConv3d(nn.Module):
         x = torch.cat([past, x], dim=2)
         num_out = max(0, (x.shape[2] - self.time_kernel) // self.time_stride + 1)
         if cache is not None:
-            cache[self] = x[:, :, num_out * self.time_stride :]
+            cache[self] = x[:, :, num_out * self.time_stride :].clone()  # not a view: frees the chunk
         if num_out == 0:
             raise ValueError("chunk too short for this causal conv; use longer chunks")
         return self.conv(x)
@@ -390,10 +390,8 @@ class VideoVAE(nn.Module):
             starts = [0, *range(1 + chunk_frames, tile.shape[2], chunk_frames)]
             ends = [*starts[1:], tile.shape[2]]
             cache: CausalCache = {}
-            parts = [
-                self.encoder(tile[:, :, a:b], cache) for a, b in zip(starts, ends, strict=True)
-            ]
-            return torch.cat(parts, dim=2)
+            chunks = (self.encoder(tile[:, :, a:b], cache) for a, b in zip(starts, ends, strict=True))
+            return _fill_time(chunks, 1 + (tile.shape[2] - 1) // factor)
 
         moments = self._tiled(encode_tile, video, tile_size, tile_overlap, encoding=True)
         return DiagonalGaussian.from_moments(moments)
@@ -417,11 +415,11 @@ class VideoVAE(nn.Module):
 
         def decode_tile(tile: Tensor) -> Tensor:
             cache: CausalCache = {}
-            parts = [
+            chunks = (
                 self.decoder(tile[:, :, start : start + chunk_latents], cache)
                 for start in range(0, tile.shape[2], chunk_latents)
-            ]
-            return torch.cat(parts, dim=2)
+            )
+            return _fill_time(chunks, self.config.pixel_frames(tile.shape[2]))
 
         return self._tiled(decode_tile, z, tile_size, tile_overlap, encoding=False)
 
@@ -466,6 +464,21 @@ class VideoVAE(nn.Module):
             raise ValueError(
                 f"expected latents [B, {self.config.latent_channels}, F, h, w], got {tuple(z.shape)}"
             )
+
+
+def _fill_time(chunks: Iterable[Tensor], num_frames: int) -> Tensor:
+    """Write consecutive time chunks into one preallocated tensor, so a long clip's output is
+    held once instead of as a list of parts plus their concatenation."""
+    out: Tensor | None = None
+    position = 0
+    for chunk in chunks:
+        if out is None:
+            out = chunk.new_empty((*chunk.shape[:2], num_frames, *chunk.shape[3:]))
+        out[:, :, position : position + chunk.shape[2]] = chunk
+        position += chunk.shape[2]
+        del chunk
+    assert out is not None and position == num_frames, "chunks did not cover the clip"
+    return out
 
 
 def blend_tiles(

@@ -33,22 +33,6 @@ BIN = Path(sys.executable).parent
 TOTAL_STEPS = 6  # tiny curriculum: images 0-1, short_clips 2-3, long_clips 4-5
 
 
-def build_tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shards -> VAE -> latent cache of the tiny experiment, once per session (the pipeline skips verified steps)."""
-    run_dir = tmp_path_factory.getbasetemp() / "tiny-cache"
-    args = [
-        str(BIN / "sora-pipeline"),
-        "experiment=tiny",
-        f"run_dir={run_dir}",
-        "pipeline.steps=[shards,vae,cache]",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (
-        f"tiny cache build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return run_dir
-
-
 def train_overrides(run_dir: Path, cache_run: Path, *extra: str) -> list[str]:
     return [
         "experiment=tiny",
@@ -100,8 +84,8 @@ def assert_same_tensors(expected: object, actual: object, where: str = "") -> No
 
 
 @pytest.fixture(scope="module")
-def cache_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_cache(tmp_path_factory)
+def cache_run(tiny_cache_run: Path) -> Path:
+    return tiny_cache_run
 
 
 @pytest.fixture(scope="module", autouse=True)

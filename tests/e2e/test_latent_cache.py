@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from sora_lightning.data.ingest import shards_from_world
-from sora_lightning.data.latent_cache import CacheSettings, cache_key, load_cache, read_cache_meta, write_cache
+from sora_lightning.data.latent_cache import (
+    CacheSettings,
+    cache_key,
+    load_cache,
+    read_cache_meta,
+    write_cache,
+)
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig
 from sora_lightning.models.vae import VAEConfig, VideoVAE
 from sora_lightning.utils import state_dict_hash

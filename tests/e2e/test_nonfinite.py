@@ -121,25 +121,6 @@ def test_config_is_validated() -> None:
 # --- the tiny DiT through `train(cfg)` -------------------------------------------------------
 
 
-def build_tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Same session-wide cache as test_exact_resume (the pipeline skips steps whose outputs verify)."""
-    import subprocess
-    import sys
-
-    run_dir = tmp_path_factory.getbasetemp() / "tiny-cache"
-    args = [
-        str(Path(sys.executable).parent / "sora-pipeline"),
-        "experiment=tiny",
-        f"run_dir={run_dir}",
-        "pipeline.steps=[shards,vae,cache]",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (
-        f"tiny cache build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return run_dir
-
-
 def compose_cfg(run_dir: Path, cache_run: Path, *extra: str) -> DictConfig:
     overrides = [
         "experiment=tiny",
@@ -164,7 +145,7 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def dit_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def dit_runs(tmp_path_factory: pytest.TempPathFactory, tiny_cache_run: Path) -> dict[str, Path]:
     """Rollback run: NaN at steps 3-4, K=2, rolls back to step=2. Reference: NaN at 2-4, never acts."""
     torch.set_num_threads(2)
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -172,7 +153,7 @@ def dit_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         key: os.environ.get(key)
         for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
     }
-    cache_run = build_tiny_cache(tmp_path_factory)
+    cache_run = tiny_cache_run
     root = tmp_path_factory.mktemp("nonfinite")
     runs = {"rollback": root / "rollback", "reference": root / "reference"}
     train(

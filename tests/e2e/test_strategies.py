@@ -40,18 +40,11 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cache_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("strategies") / "base"
-    run(
-        [
-            str(BIN / "sora-pipeline"),
-            "experiment=tiny",
-            f"run_dir={run_dir}",
-            "pipeline.steps=[shards,vae,cache]",
-        ],
-        cwd=Path.cwd(),
-    )
-    return run_dir
+def cache_run(tiny_cache_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny cache, seen from a folder of this module's own (runs go beside it)."""
+    base = tmp_path_factory.mktemp("strategies") / "base"
+    base.symlink_to(tiny_cache_run, target_is_directory=True)
+    return base
 
 
 def train(base: Path, run_dir: Path, strategy: str) -> Path:
