@@ -61,7 +61,10 @@ def test_tensorboard_has_loss_every_step(pipeline_run: Path) -> None:
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert len(steps) == 6 and len(set(steps)) == 6
-    assert "train/tokens_per_s" in events.Tags()["scalars"]
+    assert {"train/tokens_per_s", "train/lr", "train/mfu", "train/packing_efficiency"} <= set(events.Tags()["scalars"])
+    assert "samples/0" in events.Tags()["images"]  # sample videos as animated GIFs (TensorBoard's video form)
+    gif = events.Images("samples/0")[0].encoded_image_string
+    assert gif[:6] in (b"GIF87a", b"GIF89a")
 
 
 def test_rerun_skips_verified_steps_and_redoes_broken(pipeline_run: Path) -> None:

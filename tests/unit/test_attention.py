@@ -163,3 +163,38 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
         scores[token(0, 3, 0), token(1, 1, 3)], scores[token(1, 2, 1), token(2, 0, 4)]
     )
     assert not torch.allclose(scores[token(0, 0, 0), token(0, 0, 1)], scores[0, token(1, 0, 0)])
+
+
+def _flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _flash_available(), reason="flash-attn varlen needs CUDA and the `gpu` extra")
+def test_flash_matches_sdpa_and_reference_on_gpu() -> None:
+    """On a GPU machine: the flash varlen backend equals SDPA-per-sample (bf16 tolerance)."""
+    lengths_q, lengths_k = [5, 9, 3], [4, 0, 7]
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lengths_q), HEADS, 64, generator=generator)
+    k = torch.randn(sum(lengths_k), HEADS, 64, generator=generator)
+    v = torch.randn(sum(lengths_k), HEADS, 64, generator=generator)
+    cu_q, cu_k = seqlens_to_cu(lengths_q).cuda(), seqlens_to_cu(lengths_k).cuda()
+    args = [t.cuda().bfloat16() for t in (q, k, v)]
+    flash = attention(*args, cu_q, cu_k, backend="flash").float().cpu()
+    sdpa = attention(*args, cu_q, cu_k, backend="sdpa").float().cpu()
+    reference = reference_attention(q, k, v, lengths_q, lengths_k).float()
+    torch.testing.assert_close(flash, sdpa, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(flash, reference, atol=3e-2, rtol=3e-2)
+
+
+def test_equal_length_batched_path_matches_reference() -> None:
+    """Several samples of one length take the single batched SDPA call; it must stay isolated."""
+    lengths = [5, 5, 5]
+    q, k, v = (torch.randn(15, HEADS, HEAD_DIM) for _ in range(3))
+    out = attention(q, k, v, seqlens_to_cu(lengths), seqlens_to_cu(lengths), backend="sdpa")
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, lengths, lengths), atol=1e-5, rtol=1e-5)
