@@ -14,13 +14,7 @@ from sora_lightning.models.patches import seqlens_to_cu
 HEADS, HEAD_DIM = 3, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-offs that dominate on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_attention(q, k, v, lengths_q: list[int], lengths_k: list[int]) -> torch.Tensor:
@@ -175,7 +169,9 @@ def _flash_available() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _flash_available(), reason="flash-attn varlen needs CUDA and the `gpu` extra")
+@pytest.mark.skipif(
+    not _flash_available(), reason="flash-attn varlen needs CUDA and the `gpu` extra"
+)
 def test_flash_matches_sdpa_and_reference_on_gpu() -> None:
     """On a GPU machine: the flash varlen backend equals SDPA-per-sample (bf16 tolerance)."""
     lengths_q, lengths_k = [5, 9, 3], [4, 0, 7]
@@ -197,4 +193,6 @@ def test_equal_length_batched_path_matches_reference() -> None:
     lengths = [5, 5, 5]
     q, k, v = (torch.randn(15, HEADS, HEAD_DIM) for _ in range(3))
     out = attention(q, k, v, seqlens_to_cu(lengths), seqlens_to_cu(lengths), backend="sdpa")
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, lengths, lengths), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k, v, lengths, lengths), atol=1e-5, rtol=1e-5
+    )
