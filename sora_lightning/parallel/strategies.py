@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +105,7 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         if not self.cpu_shm_comm:
-            import deepspeed.ops
-
-            # DeepSpeed documents edits to this dict as persistent; False makes it fall back to gloo.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            disable_shm_comm()
         self._init_deepspeed_distributed()
 
     @property
@@ -116,6 +114,32 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         if self.parallel_devices is not None and self.parallel_devices[0].type == "cpu":
             return torch.device("cpu", self.local_rank)
         return super().root_device
+
+
+def disable_shm_comm() -> None:
+    """Make DeepSpeed use plain gloo on CPU instead of JIT-compiling its shm op (~45 s).
+
+    DeepSpeed documents edits to `__compatible_ops__` as persistent; False makes it fall back.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_cpu_deepspeed(rank: int, world_size: int, port: int) -> None:
+    """Join a one-machine gloo group through DeepSpeed (spawned test and benchmark workers)."""
+    import deepspeed
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    disable_shm_comm()
+    deepspeed.init_distributed("gloo")
 
 
 def deepspeed_config(extra: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ activations (inputs, and the head-split tensors inside) must be half of the sing
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -33,19 +32,9 @@ def _inputs() -> tuple[torch.Tensor, ...]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    import deepspeed
-    import deepspeed.ops
+    from sora_lightning.parallel.strategies import init_cpu_deepspeed
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo, no JIT build
-    deepspeed.init_distributed("gloo")
+    init_cpu_deepspeed(rank, WORLD_SIZE, port)  # plain gloo, no JIT build
     from sora_lightning.parallel.sequence import UlyssesAttention
 
     q, k, v, weight, cu = _inputs()

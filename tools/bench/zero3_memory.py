@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import tempfile
 from collections.abc import Iterable
@@ -29,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from sora_lightning.models.dit import DiT, DiTConfig
-from sora_lightning.parallel.strategies import deepspeed_config
+from sora_lightning.parallel.strategies import deepspeed_config, init_cpu_deepspeed
 
 WORLD_SIZE = 2
 
@@ -122,19 +121,7 @@ def measure_zero3(cfg: DiTConfig, rank: int, bf16: bool) -> dict[str, int]:
 
 
 def _worker(rank: int, port: int, cfg: DiTConfig, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    import deepspeed
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo, no JIT build
-    deepspeed.init_distributed("gloo")
+    init_cpu_deepspeed(rank, WORLD_SIZE, port)  # plain gloo, no JIT build
     torch.manual_seed(0)
     result = {
         f"{name}_{precision}": measure(cfg, rank, precision == "bf16")
