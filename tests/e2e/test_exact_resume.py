@@ -22,42 +22,19 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from tiny_runs import compose_cfg, scalars, train_overrides
 
 from sora_lightning.train.checkpoint import find_resume_checkpoint, manifest_path
-from sora_lightning.train.main import CONF_DIR, train
+from sora_lightning.train.main import train
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 TOTAL_STEPS = 6  # tiny curriculum: images 0-1, short_clips 2-3, long_clips 4-5
 
 
-def train_overrides(run_dir: Path, cache_run: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=tiny",
-        "task=dit",
-        f"run_dir={run_dir}",
-        f"data.cache_dir={cache_run / 'cache'}",
-        f"data.vae_dir={cache_run / 'vae'}",
-        "trainer.deterministic=true",
-        "trainer.enable_progress_bar=false",
-        *extra,
-    ]
-
-
-def compose_cfg(run_dir: Path, cache_run: Path, *extra: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=train_overrides(run_dir, cache_run, *extra))
-
-
 def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
     """Every (step, train/loss) event in the run's TensorBoard folder, all event files together."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    return sorted((e.step, e.value) for e in events.Scalars("train/loss"))
+    return scalars(run_dir, "train/loss")
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict, list]:

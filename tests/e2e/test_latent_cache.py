@@ -21,11 +21,22 @@ pytestmark = pytest.mark.e2e
 
 
 def test_cache_roundtrip_and_stale_refusal(tmp_path) -> None:
-    shards_from_world(tmp_path / "shards", num_clips=3, num_images=2, seed=0, max_count=10, progress=False)
-    vae = VideoVAE(VAEConfig(base_channels=8, channel_mults=(1, 2, 2), temporal_downsample=(True, True), norm_groups=4))
+    shards_from_world(
+        tmp_path / "shards", num_clips=3, num_images=2, seed=0, max_count=10, progress=False
+    )
+    vae = VideoVAE(
+        VAEConfig(
+            base_channels=8,
+            channel_mults=(1, 2, 2),
+            temporal_downsample=(True, True),
+            norm_groups=4,
+        )
+    )
     text = TextEncoder(TextEncoderConfig(max_length=48))
     settings = CacheSettings(max_area=1024, multiple=8, max_frames=17)
-    meta = write_cache(sorted((tmp_path / "shards").glob("*.tar")), tmp_path / "cache", vae, text, settings)
+    meta = write_cache(
+        sorted((tmp_path / "shards").glob("*.tar")), tmp_path / "cache", vae, text, settings
+    )
     expected = cache_key(state_dict_hash(vae.state_dict()), text.weights_hash(), settings)
     assert meta["key"] == expected and meta["num_samples"] == 5
     samples, null_text, _ = load_cache(tmp_path / "cache", expected)

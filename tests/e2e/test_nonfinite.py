@@ -18,14 +18,13 @@ import lightning as L
 import pytest
 import safetensors.torch
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from tiny_runs import compose_cfg, scalars
 from torch.utils.data import DataLoader
 
 from sora_lightning.data.datamodule import StepSampler
 from sora_lightning.train.checkpoint import CheckpointConfig, build_checkpointing
 from sora_lightning.train.guards import NonFiniteConfig, NonFiniteGuard, NonFiniteLossError
-from sora_lightning.train.main import CONF_DIR, train
+from sora_lightning.train.main import train
 
 pytestmark = pytest.mark.e2e
 
@@ -119,29 +118,6 @@ def test_config_is_validated() -> None:
 
 
 # --- the tiny DiT through `train(cfg)` -------------------------------------------------------
-
-
-def compose_cfg(run_dir: Path, cache_run: Path, *extra: str) -> DictConfig:
-    overrides = [
-        "experiment=tiny",
-        "task=dit",
-        f"run_dir={run_dir}",
-        f"data.cache_dir={cache_run / 'cache'}",
-        f"data.vae_dir={cache_run / 'vae'}",
-        "trainer.deterministic=true",
-        "trainer.enable_progress_bar=false",
-        *extra,
-    ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    return sorted((e.step, e.value) for e in events.Scalars(tag))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ BIN = Path(sys.executable).parent
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (
+        f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     return result
 
 
@@ -38,7 +40,12 @@ def test_every_step_produced_its_outputs(pipeline_run: Path) -> None:
     assert [s["status"] for s in summary["steps"]] == ["done"] * 7
     shards = json.loads((pipeline_run / "shards" / "summary.json").read_text())
     assert shards["written"] == 14
-    for rel in ("vae/vae.safetensors", "cache/meta.json", "dit/final/dit.safetensors", "export/dit.safetensors"):
+    for rel in (
+        "vae/vae.safetensors",
+        "cache/meta.json",
+        "dit/final/dit.safetensors",
+        "export/dit.safetensors",
+    ):
         assert (pipeline_run / rel).is_file(), rel
 
 
@@ -61,8 +68,12 @@ def test_tensorboard_has_loss_every_step(pipeline_run: Path) -> None:
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert len(steps) == 6 and len(set(steps)) == 6
-    assert {"train/tokens_per_s", "train/lr", "train/mfu", "train/packing_efficiency"} <= set(events.Tags()["scalars"])
-    assert "samples/0" in events.Tags()["images"]  # sample videos as animated GIFs (TensorBoard's video form)
+    assert {"train/tokens_per_s", "train/lr", "train/mfu", "train/packing_efficiency"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert (
+        "samples/0" in events.Tags()["images"]
+    )  # sample videos as animated GIFs (TensorBoard's video form)
     gif = events.Images("samples/0")[0].encoded_image_string
     assert gif[:6] in (b"GIF87a", b"GIF89a")
 
@@ -72,17 +83,33 @@ def test_rerun_skips_verified_steps_and_redoes_broken(pipeline_run: Path) -> Non
     run([str(BIN / "sora-pipeline"), "experiment=tiny", f"run_dir={pipeline_run}"], cwd=Path.cwd())
     summary = json.loads((pipeline_run / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert status == {"shards": "skipped", "vae": "skipped", "cache": "skipped", "dit": "skipped",
-                      "samples": "skipped", "eval": "skipped", "export": "done"}
+    assert status == {
+        "shards": "skipped",
+        "vae": "skipped",
+        "cache": "skipped",
+        "dit": "skipped",
+        "samples": "skipped",
+        "eval": "skipped",
+        "export": "done",
+    }
 
 
 def test_train_resumes_from_newest_checkpoint(pipeline_run: Path, tmp_path: Path) -> None:
-    common = [str(BIN / "sora-train"), "experiment=tiny", "task=dit", f"run_dir={tmp_path / 'dit'}",
-              f"data.cache_dir={pipeline_run / 'cache'}", f"data.vae_dir={pipeline_run / 'vae'}"]
+    common = [
+        str(BIN / "sora-train"),
+        "experiment=tiny",
+        "task=dit",
+        f"run_dir={tmp_path / 'dit'}",
+        f"data.cache_dir={pipeline_run / 'cache'}",
+        f"data.vae_dir={pipeline_run / 'vae'}",
+    ]
     run([*common, "trainer.max_steps=3"], cwd=Path.cwd())
     assert (tmp_path / "dit" / "checkpoints" / "step=3.ckpt").is_file()
     out = run([*common, "trainer.max_steps=5"], cwd=Path.cwd())
-    assert "resuming from" in (out.stdout + out.stderr) or (tmp_path / "dit" / "checkpoints" / "step=5.ckpt").is_file()
+    assert (
+        "resuming from" in (out.stdout + out.stderr)
+        or (tmp_path / "dit" / "checkpoints" / "step=5.ckpt").is_file()
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "dit" / "tb"))
