@@ -70,8 +70,9 @@ def _text_states(encoder: TextEncoder, texts: list[str]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _encode_sample(sample: RawSample, vae: VideoVAE, encoder: TextEncoder, settings: CacheSettings) -> dict:
-    """Decode, fit and encode one sample into the members of its cache record."""
+def _encode_sample(sample: RawSample, vae: VideoVAE, encoder: TextEncoder,
+                   settings: CacheSettings) -> tuple[dict, Tensor]:
+    """Decode, fit and encode one sample: the members of its cache record, and its latent."""
     frames, fps = decode_sample(sample)
     frames = frames[: valid_length(len(frames), vae.config.temporal_factor, settings.max_frames)]
     frames = fit_clip(frames, max_area=settings.max_area, multiple=settings.multiple)
@@ -84,7 +85,8 @@ def _encode_sample(sample: RawSample, vae: VideoVAE, encoder: TextEncoder, setti
     tensors.update({f"text_{k}": s.contiguous() for k, s in zip(kinds, states, strict=True)})
     meta = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
             "fps": fps, "caption": captions[kinds[0]], "captions": captions}
-    return {"__key__": sample.key, "safetensors": safetensors.torch.save(tensors), "json": json.dumps(meta).encode()}
+    record = {"__key__": sample.key, "safetensors": safetensors.torch.save(tensors), "json": json.dumps(meta).encode()}
+    return record, latent
 
 
 def write_cache(shards: Iterable[str | Path], out_dir: str | Path, vae: VideoVAE, encoder: TextEncoder,
@@ -98,14 +100,13 @@ def write_cache(shards: Iterable[str | Path], out_dir: str | Path, vae: VideoVAE
     with wds.ShardWriter(str(out / "latents-%06d.tar"), maxcount=max_count, verbose=0) as sink:
         for sample in tqdm(iter_shard_samples([str(s) for s in shards], stats=stats), desc="cache latents", unit="clip"):
             try:
-                record = _encode_sample(sample, vae, encoder, settings)
+                record, latent = _encode_sample(sample, vae, encoder, settings)
             except (MediaError, KeyError, ValueError) as error:
                 reason = getattr(error, "reason", type(error).__name__)
                 stats.add_bad(reason, sample.shard, sample.key, str(error))
                 continue
             sink.write(record)
-            latent = safetensors.torch.load(record["safetensors"])["latent"].double()
-            flat = latent.flatten(1)
+            flat = latent.double().flatten(1)
             sums = flat.sum(1) if sums is None else sums + flat.sum(1)
             sq_sums = flat.pow(2).sum(1) if sq_sums is None else sq_sums + flat.pow(2).sum(1)
             count += flat.shape[1]
@@ -115,9 +116,10 @@ def write_cache(shards: Iterable[str | Path], out_dir: str | Path, vae: VideoVAE
     mean = sums / count
     std = (sq_sums / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     safetensors.torch.save_file({"states": _text_states(encoder, [""])[0].contiguous()}, str(out / NULL_TEXT_NAME))
+    vae_hash = state_dict_hash(vae.state_dict())
     meta = {
-        "key": cache_key(state_dict_hash(vae.state_dict()), encoder.weights_hash(), settings),
-        "vae_hash": state_dict_hash(vae.state_dict()), "text_hash": encoder.weights_hash(), "settings": asdict(settings),
+        "key": cache_key(vae_hash, encoder.weights_hash(), settings),
+        "vae_hash": vae_hash, "text_hash": encoder.weights_hash(), "settings": asdict(settings),
         "latent_mean": mean.tolist(), "latent_std": std.tolist(), "num_samples": written,
         "skipped": dict(stats.counts), "shards": sorted(p.name for p in out.glob("latents-*.tar")),
     }

@@ -76,6 +76,7 @@ class VideoGenerator:
         self.expand_prompts, self.model_hash = expand_prompts, model_hash
         self.patch = tuple(dit.config.patch_size)
         self.max_text_tokens = text_encoder.config.max_length
+        self._null_states: Tensor | None = None
 
     def encode_prompt(self, prompt: str) -> tuple[Tensor, str]:
         """Expand a short prompt to the detailed caption form, then encode (real tokens only)."""
@@ -103,7 +104,7 @@ class VideoGenerator:
     def generate(self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None) -> GeneratedVideo:
         """Sample one video; `cond_frames` (an image or a clip's leading frames) is kept as given."""
         states, expanded = self.encode_prompt(prompt)
-        null_states, _ = self._null_text()
+        null_states = self._null_text()
         shape = self.latent_shape(options)
         grid = token_grid(shape[1:], self.patch)
         generator = torch.Generator().manual_seed(options.seed)
@@ -119,9 +120,12 @@ class VideoGenerator:
         video = self.vae.decode(latent.unsqueeze(0))[0]  # [3, T, H, W]
         return GeneratedVideo(to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy())
 
-    def _null_text(self) -> tuple[Tensor, str]:
-        encoding = self.text_encoder.encode([""])
-        return encoding.states[0][encoding.mask[0]].float(), ""
+    def _null_text(self) -> Tensor:
+        """States of the empty caption (the unconditional branch of CFG), encoded once."""
+        if self._null_states is None:
+            encoding = self.text_encoder.encode([""])
+            self._null_states = encoding.states[0][encoding.mask[0]].float()
+        return self._null_states
 
     def _conditioning(self, frames: np.ndarray | None, shape: tuple[int, ...], noise: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Clean latent tokens and their mask for the given leading frames (None for text-to-video)."""

@@ -24,6 +24,7 @@ from sora_lightning.data.latent_cache import CacheSettings, cache_key, read_cach
 from sora_lightning.launch.slurm import preemption_callbacks
 from sora_lightning.models.dit import DiT
 from sora_lightning.models.text import TextEncoder
+from sora_lightning.models.vae import VideoVAE
 from sora_lightning.parallel.strategies import (
     SHARDED,
     ShardReport,
@@ -136,12 +137,12 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
 
 
-def _dit_meta(cfg: DictConfig, vae_dir: str, text: TextEncoder, cache_meta: dict) -> dict[str, Any]:
-    vae = load_vae(vae_dir)
-    return {"vae_dir": str(Path(vae_dir).resolve()), "text": OmegaConf.to_container(cfg.model.text, resolve=True),
+def _dit_meta(vae_dir: str, vae: VideoVAE, vae_hash: str, text_cfg: Any, cache_meta: dict) -> dict[str, Any]:
+    """What sampling needs besides the DiT weights: where the VAE is, the text encoder, latent stats."""
+    return {"vae_dir": str(Path(vae_dir).resolve()), "text": config_to_dict(text_cfg),
             "latent_mean": cache_meta["latent_mean"], "latent_std": cache_meta["latent_std"],
             "spatial_factor": vae.config.spatial_factor, "temporal_factor": vae.config.temporal_factor,
-            "cache_key": cache_meta["key"], "vae_hash": state_dict_hash(vae.state_dict())}
+            "cache_key": cache_meta["key"], "vae_hash": vae_hash}
 
 
 def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -151,10 +152,10 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     text_cfg = instantiate(cfg.model.text, _convert_="all")
     text = TextEncoder(text_cfg)
     vae = load_vae(cfg.data.vae_dir)
-    expected = cache_key(state_dict_hash(vae.state_dict()), text.weights_hash(), CacheSettings(**cfg.cache))
+    vae_hash = state_dict_hash(vae.state_dict())
+    expected = cache_key(vae_hash, text.weights_hash(), CacheSettings(**cfg.cache))
     cache_meta = read_cache_meta(cfg.data.cache_dir, expected)
-    meta = _dit_meta(cfg, cfg.data.vae_dir, text, cache_meta)
-    meta["text"] = config_to_dict(text_cfg)
+    meta = _dit_meta(cfg.data.vae_dir, vae, vae_hash, text_cfg, cache_meta)
     steps = cfg.trainer.get("max_steps") or curriculum.total_steps
     hp = cfg.dit_train
     module = DiTModule(config_to_dict(dit_cfg), curriculum.to_dict(), seed=cfg.seed, weight_decay=hp.weight_decay,
