@@ -31,8 +31,14 @@ def valid_length(num_frames: int, temporal_factor: int = 4, max_frames: int | No
     return 1 + (limit - 1) // temporal_factor * temporal_factor
 
 
-def frame_indices(num_frames: int, *, native_fps: float, target_fps: float | None, length: int,
-                  rng: np.random.Generator | None = None) -> np.ndarray:
+def frame_indices(
+    num_frames: int,
+    *,
+    native_fps: float,
+    target_fps: float | None,
+    length: int,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Indices of `length` frames at `target_fps` (by frame selection), from a random start.
 
     Returns fewer frames (the longest valid prefix) if the clip is too short at that rate.

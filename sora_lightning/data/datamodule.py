@@ -55,8 +55,18 @@ class StepSampler(Sampler[int]):
 class VAEStepDataset(Dataset):
     """Random crops of raw clips and images for VAE training (frames 1 + 4k, same shape per step)."""
 
-    def __init__(self, samples: list[RawSample], *, batch_size: int, crop: int, frame_choices: tuple[int, ...],
-                 max_area: int, multiple: int, seed: int, rank: int = 0) -> None:
+    def __init__(
+        self,
+        samples: list[RawSample],
+        *,
+        batch_size: int,
+        crop: int,
+        frame_choices: tuple[int, ...],
+        max_area: int,
+        multiple: int,
+        seed: int,
+        rank: int = 0,
+    ) -> None:
         if not samples:
             raise ValueError("VAE training needs at least one readable sample; check data.shards")
         self.samples, self.batch_size, self.crop = samples, batch_size, crop
@@ -74,7 +84,10 @@ class VAEStepDataset(Dataset):
     def __getitem__(self, step: int) -> Tensor:
         rng = step_rng(self.seed, step, self.rank, 11)
         length = int(rng.choice(self.frame_choices))
-        crops = [self._crop(int(rng.integers(len(self.samples))), length, rng) for _ in range(self.batch_size)]
+        crops = [
+            self._crop(int(rng.integers(len(self.samples))), length, rng)
+            for _ in range(self.batch_size)
+        ]
         return torch.stack(crops)  # [B, 3, T, crop, crop]
 
     def _crop(self, index: int, length: int, rng: np.random.Generator) -> Tensor:
@@ -82,7 +95,9 @@ class VAEStepDataset(Dataset):
         num = valid_length(len(frames))
         idx = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
         clip = frames[idx]
-        if len(idx) < length:  # short clip: repeat the last frame so every crop in the batch shares T
+        if (
+            len(idx) < length
+        ):  # short clip: repeat the last frame so every crop in the batch shares T
             clip = np.concatenate([clip, np.repeat(clip[-1:], length - len(idx), axis=0)])
         top = int(rng.integers(0, clip.shape[1] - self.crop + 1))
         left = int(rng.integers(0, clip.shape[2] - self.crop + 1))
@@ -92,10 +107,23 @@ class VAEStepDataset(Dataset):
 class PackStepDataset(Dataset):
     """Packed DiT batches from cached latents, shaped by the curriculum stage of each step."""
 
-    def __init__(self, samples: list[CachedSample], null_text: Tensor, latent_mean: Tensor, latent_std: Tensor,
-                 curriculum: Curriculum, *, patch_size: tuple[int, int, int], spatial_factor: int,
-                 temporal_factor: int, seed: int, caption_probs: dict[str, float], text_dropout: float,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        samples: list[CachedSample],
+        null_text: Tensor,
+        latent_mean: Tensor,
+        latent_std: Tensor,
+        curriculum: Curriculum,
+        *,
+        patch_size: tuple[int, int, int],
+        spatial_factor: int,
+        temporal_factor: int,
+        seed: int,
+        caption_probs: dict[str, float],
+        text_dropout: float,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if not samples:
             raise ValueError("the latent cache is empty")
         self.samples, self.null_text, self.curriculum = samples, null_text, curriculum
@@ -113,12 +141,22 @@ class PackStepDataset(Dataset):
         if (stage_index, epoch) not in self._plans:
             stage = self.curriculum.stages[stage_index]
             rng = step_rng(self.seed, stage_index, epoch, 7)
-            chosen = [(i, f) for i in rng.permutation(len(self.samples)) if (f := self._frames_for(int(i), stage, rng))]
+            chosen = [
+                (i, f)
+                for i in rng.permutation(len(self.samples))
+                if (f := self._frames_for(int(i), stage, rng))
+            ]
             if not chosen:
-                raise ValueError(f"stage {stage.name!r}: no cached sample fits (area cap {stage.max_area}); cache at a smaller size")
+                raise ValueError(
+                    f"stage {stage.name!r}: no cached sample fits (area cap {stage.max_area}); cache at a smaller size"
+                )
             lengths = [self._tokens(i, f) for i, f in chosen]
-            self._plans = {k: v for k, v in self._plans.items() if k[0] == stage_index and k[1] >= epoch - 1}
-            self._plans[(stage_index, epoch)] = [[chosen[j] for j in pack] for pack in plan_packs(lengths, stage.token_budget)]
+            self._plans = {
+                k: v for k, v in self._plans.items() if k[0] == stage_index and k[1] >= epoch - 1
+            }
+            self._plans[(stage_index, epoch)] = [
+                [chosen[j] for j in pack] for pack in plan_packs(lengths, stage.token_budget)
+            ]
         return self._plans[(stage_index, epoch)]
 
     def _frames_for(self, index: int, stage: Stage, rng: np.random.Generator) -> int:
@@ -153,7 +191,9 @@ class PackStepDataset(Dataset):
         latents, texts, cond = [], [], []
         for index, frames in items:
             sample = self.samples[index]
-            latent = (sample.latent[:, :frames] - self.mean) / self.std  # causal prefix = shorter clip
+            latent = (
+                sample.latent[:, :frames] - self.mean
+            ) / self.std  # causal prefix = shorter clip
             latents.append(latent.float())
             texts.append(self._caption(sample, rng))
             use_cond = frames > 1 and rng.random() < stage.cond_probability
@@ -192,18 +232,44 @@ class _StepDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = StepSampler(self._current_step, self.num_steps)
-        return DataLoader(self.dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
-                          num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(
+            self.dataset,
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
 
 
 class VAEDataModule(_StepDataModule):
     """Raw shards -> random crops for the VAE."""
 
-    def __init__(self, shards: list[str], *, batch_size: int, crop: int, frame_choices: tuple[int, ...],
-                 max_area: int, multiple: int, seed: int, num_steps: int, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        batch_size: int,
+        crop: int,
+        frame_choices: tuple[int, ...],
+        max_area: int,
+        multiple: int,
+        seed: int,
+        num_steps: int,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(num_workers)
-        self.shards, self.kwargs = shards, dict(batch_size=batch_size, crop=crop, frame_choices=tuple(frame_choices),
-                                                max_area=max_area, multiple=multiple, seed=seed)
+        self.shards, self.kwargs = (
+            shards,
+            dict(
+                batch_size=batch_size,
+                crop=crop,
+                frame_choices=tuple(frame_choices),
+                max_area=max_area,
+                multiple=multiple,
+                seed=seed,
+            ),
+        )
         self.num_steps = num_steps
 
     def setup(self, stage: str | None = None) -> None:
@@ -214,13 +280,31 @@ class VAEDataModule(_StepDataModule):
 class DiTDataModule(_StepDataModule):
     """Cached latents -> curriculum-shaped packed batches for the DiT."""
 
-    def __init__(self, cache_dir: str, curriculum: Curriculum, *, expected_key: str | None, patch_size, spatial_factor: int,
-                 temporal_factor: int, seed: int, caption_probs: dict[str, float], text_dropout: float,
-                 num_steps: int, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        cache_dir: str,
+        curriculum: Curriculum,
+        *,
+        expected_key: str | None,
+        patch_size,
+        spatial_factor: int,
+        temporal_factor: int,
+        seed: int,
+        caption_probs: dict[str, float],
+        text_dropout: float,
+        num_steps: int,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__(num_workers)
         self.cache_dir, self.expected_key, self.curriculum = cache_dir, expected_key, curriculum
-        self.kwargs = dict(patch_size=tuple(patch_size), spatial_factor=spatial_factor, temporal_factor=temporal_factor,
-                           seed=seed, caption_probs=dict(caption_probs), text_dropout=text_dropout)
+        self.kwargs = dict(
+            patch_size=tuple(patch_size),
+            spatial_factor=spatial_factor,
+            temporal_factor=temporal_factor,
+            seed=seed,
+            caption_probs=dict(caption_probs),
+            text_dropout=text_dropout,
+        )
         self.num_steps = num_steps
         self.meta: dict = {}
 
@@ -228,5 +312,14 @@ class DiTDataModule(_StepDataModule):
         rank, world = self._rank_world()
         samples, null_text, self.meta = load_cache(self.cache_dir, self.expected_key)
         mean, std = torch.tensor(self.meta["latent_mean"]), torch.tensor(self.meta["latent_std"])
-        self.dataset = PackStepDataset(samples, null_text, mean, std, self.curriculum, rank=rank, world_size=world, **self.kwargs)
+        self.dataset = PackStepDataset(
+            samples,
+            null_text,
+            mean,
+            std,
+            self.curriculum,
+            rank=rank,
+            world_size=world,
+            **self.kwargs,
+        )
         log.info("DiT data: %d cached samples from %s", len(samples), self.cache_dir)

@@ -46,7 +46,9 @@ class CacheSettings:
 
     def __post_init__(self) -> None:
         if self.max_area < self.multiple**2 or (self.max_frames - 1) % 4:
-            raise ValueError("cache settings: max_area must hold one multiple^2 tile and max_frames be 1 + 4k")
+            raise ValueError(
+                "cache settings: max_area must hold one multiple^2 tile and max_frames be 1 + 4k"
+            )
 
 
 @dataclass
@@ -66,12 +68,16 @@ def cache_key(vae_hash: str, text_hash: str, settings: CacheSettings) -> str:
 def _text_states(encoder: TextEncoder, texts: list[str]) -> list[Tensor]:
     """Encode captions and keep only real tokens (packed batches carry no padding)."""
     encoding = encoder.encode(texts)
-    return [states[mask].to(torch.float16) for states, mask in zip(encoding.states, encoding.mask, strict=True)]
+    return [
+        states[mask].to(torch.float16)
+        for states, mask in zip(encoding.states, encoding.mask, strict=True)
+    ]
 
 
 @torch.no_grad()
-def _encode_sample(sample: RawSample, vae: VideoVAE, encoder: TextEncoder,
-                   settings: CacheSettings) -> tuple[dict, Tensor]:
+def _encode_sample(
+    sample: RawSample, vae: VideoVAE, encoder: TextEncoder, settings: CacheSettings
+) -> tuple[dict, Tensor]:
     """Decode, fit and encode one sample: the members of its cache record, and its latent."""
     frames, fps = decode_sample(sample)
     frames = frames[: valid_length(len(frames), vae.config.temporal_factor, settings.max_frames)]
@@ -83,14 +89,31 @@ def _encode_sample(sample: RawSample, vae: VideoVAE, encoder: TextEncoder,
     states = _text_states(encoder, [captions[k] for k in kinds])
     tensors = {"latent": latent.contiguous()}
     tensors.update({f"text_{k}": s.contiguous() for k, s in zip(kinds, states, strict=True)})
-    meta = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-            "fps": fps, "caption": captions[kinds[0]], "captions": captions}
-    record = {"__key__": sample.key, "safetensors": safetensors.torch.save(tensors), "json": json.dumps(meta).encode()}
+    meta = {
+        "frames": int(frames.shape[0]),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "fps": fps,
+        "caption": captions[kinds[0]],
+        "captions": captions,
+    }
+    record = {
+        "__key__": sample.key,
+        "safetensors": safetensors.torch.save(tensors),
+        "json": json.dumps(meta).encode(),
+    }
     return record, latent
 
 
-def write_cache(shards: Iterable[str | Path], out_dir: str | Path, vae: VideoVAE, encoder: TextEncoder,
-                settings: CacheSettings, *, max_count: int = 2000) -> dict:
+def write_cache(
+    shards: Iterable[str | Path],
+    out_dir: str | Path,
+    vae: VideoVAE,
+    encoder: TextEncoder,
+    settings: CacheSettings,
+    *,
+    max_count: int = 2000,
+) -> dict:
     """Encode every readable sample of `shards` into a cache at `out_dir`; returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +121,11 @@ def write_cache(shards: Iterable[str | Path], out_dir: str | Path, vae: VideoVAE
     stats = BadSampleCounter()
     sums, sq_sums, count, written = None, None, 0, 0
     with wds.ShardWriter(str(out / "latents-%06d.tar"), maxcount=max_count, verbose=0) as sink:
-        for sample in tqdm(iter_shard_samples([str(s) for s in shards], stats=stats), desc="cache latents", unit="clip"):
+        for sample in tqdm(
+            iter_shard_samples([str(s) for s in shards], stats=stats),
+            desc="cache latents",
+            unit="clip",
+        ):
             try:
                 record, latent = _encode_sample(sample, vae, encoder, settings)
             except (MediaError, KeyError, ValueError) as error:
@@ -112,16 +139,25 @@ def write_cache(shards: Iterable[str | Path], out_dir: str | Path, vae: VideoVAE
             count += flat.shape[1]
             written += 1
     if written == 0:
-        raise RuntimeError(f"no sample of {list(shards)} could be cached; see the skipped counts {stats.counts}")
+        raise RuntimeError(
+            f"no sample of {list(shards)} could be cached; see the skipped counts {stats.counts}"
+        )
     mean = sums / count
     std = (sq_sums / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    safetensors.torch.save_file({"states": _text_states(encoder, [""])[0].contiguous()}, str(out / NULL_TEXT_NAME))
+    safetensors.torch.save_file(
+        {"states": _text_states(encoder, [""])[0].contiguous()}, str(out / NULL_TEXT_NAME)
+    )
     vae_hash = state_dict_hash(vae.state_dict())
     meta = {
         "key": cache_key(vae_hash, encoder.weights_hash(), settings),
-        "vae_hash": vae_hash, "text_hash": encoder.weights_hash(), "settings": asdict(settings),
-        "latent_mean": mean.tolist(), "latent_std": std.tolist(), "num_samples": written,
-        "skipped": dict(stats.counts), "shards": sorted(p.name for p in out.glob("latents-*.tar")),
+        "vae_hash": vae_hash,
+        "text_hash": encoder.weights_hash(),
+        "settings": asdict(settings),
+        "latent_mean": mean.tolist(),
+        "latent_std": std.tolist(),
+        "num_samples": written,
+        "skipped": dict(stats.counts),
+        "shards": sorted(p.name for p in out.glob("latents-*.tar")),
     }
     write_json_atomic(out / META_NAME, meta)
     return meta
@@ -131,7 +167,9 @@ def read_cache_meta(cache_dir: str | Path, expected_key: str | None = None) -> d
     """Load meta.json and refuse a cache made by other weights or settings."""
     path = Path(cache_dir) / META_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build the cache first (tools/cache_latents.py or the pipeline's 'cache' step)")
+        raise FileNotFoundError(
+            f"{path} not found: build the cache first (tools/cache_latents.py or the pipeline's 'cache' step)"
+        )
     meta = json.loads(path.read_text())
     if expected_key is not None and meta["key"] != expected_key:
         raise ValueError(
@@ -143,23 +181,29 @@ def read_cache_meta(cache_dir: str | Path, expected_key: str | None = None) -> d
 
 def _iter_cache_records(path: Path) -> Iterator[tuple[str, bytes]]:
     """(key, safetensors bytes) of one cache shard; explicit decoding only, never unpickling."""
-    for record in wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None):
+    for record in wds.WebDataset(
+        str(path), shardshuffle=False, empty_check=False, nodesplitter=None
+    ):
         if "safetensors" in record:
             yield record["__key__"], record["safetensors"]
 
 
-def load_cache(cache_dir: str | Path, expected_key: str | None = None) -> tuple[list[CachedSample], Tensor, dict]:
+def load_cache(
+    cache_dir: str | Path, expected_key: str | None = None
+) -> tuple[list[CachedSample], Tensor, dict]:
     """Read a whole cache into memory: samples, the null-caption states, and meta."""
     meta = read_cache_meta(cache_dir, expected_key)
     samples = []
     for shard in meta["shards"]:
         for key, blob in _iter_cache_records(Path(cache_dir) / shard):
             tensors = safetensors.torch.load(blob)
-            texts = {k[len("text_"):]: v for k, v in tensors.items() if k.startswith("text_")}
+            texts = {k[len("text_") :]: v for k, v in tensors.items() if k.startswith("text_")}
             samples.append(CachedSample(key, tensors["latent"], texts))
     if len(samples) != meta["num_samples"]:
-        raise RuntimeError(f"latent cache {cache_dir} holds {len(samples)} samples but meta.json says "
-                           f"{meta['num_samples']}; the cache is damaged: rebuild it")
+        raise RuntimeError(
+            f"latent cache {cache_dir} holds {len(samples)} samples but meta.json says "
+            f"{meta['num_samples']}; the cache is damaged: rebuild it"
+        )
     null_text = safetensors.torch.load_file(str(Path(cache_dir) / NULL_TEXT_NAME))["states"]
     return samples, null_text, meta
 
@@ -167,8 +211,6 @@ def load_cache(cache_dir: str | Path, expected_key: str | None = None) -> tuple[
 def latent_stats(meta: dict) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std used to normalise latents to unit scale for the DiT."""
     return torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
-
-
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,11 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     from sora_lightning.models.text import TextEncoderConfig
     from sora_lightning.train.weights import load_vae
 
-    parser = argparse.ArgumentParser(description="Cache VAE latents and text embeddings of webdataset shards")
+    parser = argparse.ArgumentParser(
+        description="Cache VAE latents and text embeddings of webdataset shards"
+    )
     parser.add_argument("--shards", required=True, help="glob of input .tar shards")
     parser.add_argument("--vae-dir", required=True, help="folder with vae.safetensors + vae.json")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--text-path", default=None, help="local Hugging Face encoder (default: MiniLM package)")
+    parser.add_argument(
+        "--text-path", default=None, help="local Hugging Face encoder (default: MiniLM package)"
+    )
     parser.add_argument("--text-max-length", type=int, default=64)
     parser.add_argument("--max-area", type=int, default=CacheSettings.max_area)
     parser.add_argument("--multiple", type=int, default=CacheSettings.multiple)
@@ -191,11 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shards = sorted(glob.glob(args.shards))
     if not shards:
-        raise SystemExit(f"no shard matches {args.shards}; write shards first (tools/make_shards.py)")
+        raise SystemExit(
+            f"no shard matches {args.shards}; write shards first (tools/make_shards.py)"
+        )
     settings = CacheSettings(args.max_area, args.multiple, args.max_frames)
     encoder = TextEncoder(TextEncoderConfig(path=args.text_path, max_length=args.text_max_length))
     meta = write_cache(shards, args.output, load_vae(args.vae_dir), encoder, settings)
-    print(f"cached {meta['num_samples']} samples (skipped {meta['skipped']}) into {args.output}, key {meta['key']}")
+    print(
+        f"cached {meta['num_samples']} samples (skipped {meta['skipped']}) into {args.output}, key {meta['key']}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 """velocity(x_t [L, P], t [B]) -> v [L, P]; CFG and packing live inside the closure."""
 
 
-def sample_logit_normal(num: int, *, mean: float = 0.0, std: float = 1.0,
-                        generator: torch.Generator | None = None) -> Tensor:
+def sample_logit_normal(
+    num: int, *, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
     """Logit-normal t in (0, 1): SD3's choice, it spends training on the mid-noise levels that matter."""
     normal = torch.randn(num, generator=generator) * std + mean
     return torch.sigmoid(normal)
@@ -32,8 +33,14 @@ def shift_timesteps(t: Tensor, shift: Tensor | float) -> Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def resolution_shift(num_tokens: Tensor, *, base_tokens: int = 256, max_tokens: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> Tensor:
+def resolution_shift(
+    num_tokens: Tensor,
+    *,
+    base_tokens: int = 256,
+    max_tokens: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> Tensor:
     """Shift factor exp(mu), mu linear in token count (SD3/Flux): big videos need noisier schedules
     because more tokens average away the same per-token noise."""
     num_tokens = torch.as_tensor(num_tokens, dtype=torch.float64)
@@ -53,15 +60,23 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise - x0
 
 
-def flow_loss(pred: Tensor, target: Tensor, sample_index: Tensor, num_samples: int,
-              loss_mask: Tensor | None = None, sample_weights: Tensor | None = None) -> Tensor:
+def flow_loss(
+    pred: Tensor,
+    target: Tensor,
+    sample_index: Tensor,
+    num_samples: int,
+    loss_mask: Tensor | None = None,
+    sample_weights: Tensor | None = None,
+) -> Tensor:
     """MSE averaged per sample, then over samples, so a long video and an image weigh the same.
 
     loss_mask [L] (1 = token is generated, 0 = clean conditioning) keeps conditioning frames out.
     """
     per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
     mask = torch.ones_like(per_token) if loss_mask is None else loss_mask.float()
-    sums = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_index, per_token * mask)
+    sums = torch.zeros(num_samples, device=pred.device).index_add_(
+        0, sample_index, per_token * mask
+    )
     counts = torch.zeros(num_samples, device=pred.device).index_add_(0, sample_index, mask)
     valid = counts > 0
     per_sample = sums[valid] / counts[valid]
@@ -79,8 +94,13 @@ def sampling_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
     return shift_timesteps(t, shift).float()
 
 
-def euler_sample(velocity: Velocity, noise: Tensor, schedule: Tensor, num_samples: int,
-                 on_step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def euler_sample(
+    velocity: Velocity,
+    noise: Tensor,
+    schedule: Tensor,
+    num_samples: int,
+    on_step: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """First-order ODE solve x_{t_next} = x_t + (t_next - t) v. `on_step` re-imposes conditioning."""
     x = noise
     for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
@@ -90,8 +110,13 @@ def euler_sample(velocity: Velocity, noise: Tensor, schedule: Tensor, num_sample
     return x
 
 
-def heun_sample(velocity: Velocity, noise: Tensor, schedule: Tensor, num_samples: int,
-                on_step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def heun_sample(
+    velocity: Velocity,
+    noise: Tensor,
+    schedule: Tensor,
+    num_samples: int,
+    on_step: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Second-order (Heun) solve: averages the slopes at both ends; the last step falls back to Euler."""
     x = noise
     for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
@@ -114,7 +139,9 @@ def guided_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def cosine_warmup_lr(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+def cosine_warmup_lr(
+    step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.1
+) -> float:
     """LR multiplier: linear warmup, then cosine decay to `min_ratio` at `total_steps`."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -18,7 +18,9 @@ PatchSize = tuple[int, int, int]
 def token_grid(latent_shape: tuple[int, int, int], patch_size: PatchSize) -> tuple[int, int, int]:
     """Token grid (F', H', W') of a latent (F, H, W); sizes must divide evenly so nothing is lost."""
     grid = []
-    for size, patch, name in zip(latent_shape, patch_size, ("frames", "height", "width"), strict=True):
+    for size, patch, name in zip(
+        latent_shape, patch_size, ("frames", "height", "width"), strict=True
+    ):
         if size % patch != 0:
             raise ValueError(
                 f"latent {name} {size} is not a multiple of patch size {patch}; "
@@ -38,7 +40,9 @@ def patchify(latent: Tensor, patch_size: PatchSize) -> Tensor:
     return x.reshape(gf * gh * gw, channels * pt * ph * pw)
 
 
-def unpatchify(tokens: Tensor, grid: tuple[int, int, int], patch_size: PatchSize, channels: int) -> Tensor:
+def unpatchify(
+    tokens: Tensor, grid: tuple[int, int, int], patch_size: PatchSize, channels: int
+) -> Tensor:
     """[N, P] -> [C, F, H, W]: the exact inverse of `patchify` for one sample's grid."""
     gf, gh, gw = (int(g) for g in grid)
     pt, ph, pw = patch_size

@@ -141,7 +141,9 @@ class CausalConv3d(nn.Module):
         x = torch.cat([past, x], dim=2)
         num_out = max(0, (x.shape[2] - self.time_kernel) // self.time_stride + 1)
         if cache is not None:
-            cache[self] = x[:, :, num_out * self.time_stride :].clone()  # not a view: frees the chunk
+            cache[self] = x[
+                :, :, num_out * self.time_stride :
+            ].clone()  # not a view: frees the chunk
         if num_out == 0:
             raise ValueError("chunk too short for this causal conv; use longer chunks")
         return self.conv(x)
@@ -180,7 +182,9 @@ def make_norm(norm: str, norm_groups: int, channels: int) -> nn.Module:
 class ResBlock3D(nn.Module):
     """Pre-norm residual block of two causal 3x3x3 convs."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, norm: str = "rms") -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, norm_groups: int, norm: str = "rms"
+    ) -> None:
         super().__init__()
         self.norm1 = make_norm(norm, norm_groups, in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels)
@@ -390,7 +394,9 @@ class VideoVAE(nn.Module):
             starts = [0, *range(1 + chunk_frames, tile.shape[2], chunk_frames)]
             ends = [*starts[1:], tile.shape[2]]
             cache: CausalCache = {}
-            chunks = (self.encoder(tile[:, :, a:b], cache) for a, b in zip(starts, ends, strict=True))
+            chunks = (
+                self.encoder(tile[:, :, a:b], cache) for a, b in zip(starts, ends, strict=True)
+            )
             return _fill_time(chunks, 1 + (tile.shape[2] - 1) // factor)
 
         moments = self._tiled(encode_tile, video, tile_size, tile_overlap, encoding=True)

@@ -26,6 +26,7 @@ PIPELINE_ONLY_KEYS = ("world", "samples", "eval", "pipeline")
 
 def forwarded_overrides(overrides: list[str]) -> list[str]:
     """The user's overrides that the training steps understand (pipeline-only keys stay here)."""
+
     def root(override: str) -> str:
         return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
 
@@ -41,19 +42,27 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
         table.add_row(r.name, r.status, f"{r.seconds:.1f}", r.log)
     console = Console()
     console.print(table)
-    summary: dict[str, Any] = {"steps": [vars(r) for r in results],
-                               "total_seconds": sum(r.seconds for r in results)}
+    summary: dict[str, Any] = {
+        "steps": [vars(r) for r in results],
+        "total_seconds": sum(r.seconds for r in results),
+    }
     eval_path = run_dir / "eval" / "eval.json"
     if eval_path.is_file():
         scores = json.loads(eval_path.read_text())
-        summary["eval"] = {k: scores[k] for k in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance") if k in scores}
+        summary["eval"] = {
+            k: scores[k]
+            for k in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance")
+            if k in scores
+        }
         console.print(f"eval (held-out prompts): {summary['eval']}")
     console.print(f"total time this run: {summary['total_seconds']:.1f} s")
     for r in results:
         if r.status == "failed":
             console.print(f"[red]step {r.name} failed ({r.detail}); see its log: {r.log}[/red]")
         if r.status == "blocked":
-            console.print(f"[yellow]step {r.name} not run: its inputs {r.detail['because']} failed[/yellow]")
+            console.print(
+                f"[yellow]step {r.name} not run: its inputs {r.detail['because']} failed[/yellow]"
+            )
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
@@ -68,9 +77,13 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if cfg.launcher.name == "slurm":
         from sora_lightning.pipeline.slurm_runner import run_slurm
 
-        results = run_slurm(cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force))
+        results = run_slurm(
+            cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force)
+        )
     elif cfg.launcher.name == "local":
-        results = run_local(cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force))
+        results = run_local(
+            cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force)
+        )
     else:
         raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     return summarize(results, run_dir)

@@ -64,21 +64,32 @@ def select_steps(names: list[str] | None) -> list[Step]:
     known = {s.name for s in STEPS}
     unknown = set(names or []) - known
     if unknown:
-        raise ValueError(f"unknown pipeline steps {sorted(unknown)}; known: {[s.name for s in STEPS]}")
+        raise ValueError(
+            f"unknown pipeline steps {sorted(unknown)}; known: {[s.name for s in STEPS]}"
+        )
     return [s for s in STEPS if names is None or s.name in names]
 
 
-def run_local(cfg: DictConfig, run_dir: Path, overrides: list[str], names: list[str] | None = None,
-              force: bool = False) -> list[StepResult]:
+def run_local(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    names: list[str] | None = None,
+    force: bool = False,
+) -> list[StepResult]:
     """Run the selected steps; dependents of a failed step are reported as blocked, not run."""
     results: dict[str, StepResult] = {}
     for step in select_steps(names):
-        failed_inputs = [i for i in step.inputs if results.get(i) and results[i].status in ("failed", "blocked")]
+        failed_inputs = [
+            i for i in step.inputs if results.get(i) and results[i].status in ("failed", "blocked")
+        ]
         if failed_inputs:
             results[step.name] = StepResult(step.name, "blocked", detail={"because": failed_inputs})
             continue
         if not force and verify(step, run_dir):
-            results[step.name] = StepResult(step.name, "skipped", log=str(run_dir / "logs" / f"{step.name}.log"))
+            results[step.name] = StepResult(
+                step.name, "skipped", log=str(run_dir / "logs" / f"{step.name}.log")
+            )
             continue
         results[step.name] = _run_step(step, cfg, run_dir, overrides)
     return list(results.values())
@@ -93,6 +104,8 @@ def _run_step(step: Step, cfg: DictConfig, run_dir: Path, overrides: list[str]) 
     if code != 0 or not step.output_files(run_dir):
         detail = {"exit_code": code, "missing_outputs": not step.output_files(run_dir)}
         return StepResult(step.name, "failed", seconds, str(log_path), detail)
-    write_json_atomic(step.manifest_path(run_dir), {"step": step.name, "seconds": seconds,
-                                                    "outputs": hash_outputs(step, run_dir)})
+    write_json_atomic(
+        step.manifest_path(run_dir),
+        {"step": step.name, "seconds": seconds, "outputs": hash_outputs(step, run_dir)},
+    )
     return StepResult(step.name, "done", seconds, str(log_path))

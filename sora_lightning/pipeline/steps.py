@@ -49,47 +49,113 @@ PY = [sys.executable, "-m"]
 
 def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     world = cfg.world
-    return [*PY, "sora_lightning.data.ingest", "--world-clips", str(world.clips), "--world-images", str(world.images),
-            "--seed", str(world.seed), "--output", str(run / "shards"), "--max-count", str(world.shard_max_count),
-            "--overwrite"]
+    return [
+        *PY,
+        "sora_lightning.data.ingest",
+        "--world-clips",
+        str(world.clips),
+        "--world-images",
+        str(world.images),
+        "--seed",
+        str(world.seed),
+        "--output",
+        str(run / "shards"),
+        "--max-count",
+        str(world.shard_max_count),
+        "--overwrite",
+    ]
 
 
 def _vae(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
-    return [*PY, "sora_lightning.train.main", *overrides, "task=vae", f"run_dir={run / 'vae'}",
-            f"data.shards={run / 'shards'}/*.tar"]
+    return [
+        *PY,
+        "sora_lightning.train.main",
+        *overrides,
+        "task=vae",
+        f"run_dir={run / 'vae'}",
+        f"data.shards={run / 'shards'}/*.tar",
+    ]
 
 
 def _cache(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     text_path = cfg.model.text.get("path")
-    return [*PY, "sora_lightning.data.latent_cache", "--shards", str(run / "shards" / "*.tar"),
-            "--vae-dir", str(run / "vae"), "--output", str(run / "cache"),
-            "--max-area", str(cfg.cache.max_area), "--multiple", str(cfg.cache.multiple),
-            "--max-frames", str(cfg.cache.max_frames), "--text-max-length", str(cfg.model.text.max_length),
-            *(["--text-path", str(text_path)] if text_path else [])]
+    return [
+        *PY,
+        "sora_lightning.data.latent_cache",
+        "--shards",
+        str(run / "shards" / "*.tar"),
+        "--vae-dir",
+        str(run / "vae"),
+        "--output",
+        str(run / "cache"),
+        "--max-area",
+        str(cfg.cache.max_area),
+        "--multiple",
+        str(cfg.cache.multiple),
+        "--max-frames",
+        str(cfg.cache.max_frames),
+        "--text-max-length",
+        str(cfg.model.text.max_length),
+        *(["--text-path", str(text_path)] if text_path else []),
+    ]
 
 
 def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
-    return [*PY, "sora_lightning.train.main", *overrides, "task=dit", f"run_dir={run / 'dit'}",
-            f"data.cache_dir={run / 'cache'}", f"data.vae_dir={run / 'vae'}"]
+    return [
+        *PY,
+        "sora_lightning.train.main",
+        *overrides,
+        "task=dit",
+        f"run_dir={run / 'dit'}",
+        f"data.cache_dir={run / 'cache'}",
+        f"data.vae_dir={run / 'vae'}",
+    ]
 
 
 def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     s = cfg.samples
-    return [*PY, "sora_lightning.sample.main", f"ckpt={run / 'dit' / 'final'}", f"out_dir={run / 'samples'}",
-            f"prompts=[{','.join(repr(p) for p in s.prompts)}]", f"frames={s.frames}", f"height={s.height}",
-            f"width={s.width}", f"steps={s.steps}", f"cfg_scale={s.cfg_scale}", f"seed={s.seed}"]
+    return [
+        *PY,
+        "sora_lightning.sample.main",
+        f"ckpt={run / 'dit' / 'final'}",
+        f"out_dir={run / 'samples'}",
+        f"prompts=[{','.join(repr(p) for p in s.prompts)}]",
+        f"frames={s.frames}",
+        f"height={s.height}",
+        f"width={s.width}",
+        f"steps={s.steps}",
+        f"cfg_scale={s.cfg_scale}",
+        f"seed={s.seed}",
+    ]
 
 
 def _eval(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     e = cfg.eval
-    return [*PY, "sora_lightning.eval.main", f"ckpt={run / 'dit' / 'final'}", f"out_dir={run / 'eval'}",
-            f"frames={e.frames}", f"height={e.height}", f"width={e.width}", f"steps={e.steps}",
-            f"cfg_scale={e.cfg_scale}", f"num_seeds={e.num_seeds}"]
+    return [
+        *PY,
+        "sora_lightning.eval.main",
+        f"ckpt={run / 'dit' / 'final'}",
+        f"out_dir={run / 'eval'}",
+        f"frames={e.frames}",
+        f"height={e.height}",
+        f"width={e.width}",
+        f"steps={e.steps}",
+        f"cfg_scale={e.cfg_scale}",
+        f"num_seeds={e.num_seeds}",
+    ]
 
 
 def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
-    return [*PY, "sora_lightning.train.export", "--dit", str(run / "dit" / "final"), "--vae", str(run / "vae"),
-            "--output", str(run / "export")]
+    return [
+        *PY,
+        "sora_lightning.train.export",
+        "--dit",
+        str(run / "dit" / "final"),
+        "--vae",
+        str(run / "vae"),
+        "--output",
+        str(run / "export"),
+    ]
 
 
 STEPS: tuple[Step, ...] = (

@@ -49,7 +49,9 @@ class SampleOptions:
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"frames must be 1 + 4k (1, 5, 9, 17, 33, ...), got {self.frames}")
         if self.sampler not in flow.SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(flow.SAMPLERS)}, got {self.sampler!r}")
+            raise ValueError(
+                f"sampler must be one of {sorted(flow.SAMPLERS)}, got {self.sampler!r}"
+            )
         if self.steps < 1 or self.height < 1 or self.width < 1:
             raise ValueError("steps, height and width must be positive")
 
@@ -69,10 +71,22 @@ class GeneratedVideo:
 class VideoGenerator:
     """Holds the three networks and the latent normalisation of one trained model."""
 
-    def __init__(self, dit: DiT, vae: VideoVAE, text_encoder: TextEncoder, latent_mean: Tensor, latent_std: Tensor,
-                 *, expand_prompts: bool = True, model_hash: str = "") -> None:
+    def __init__(
+        self,
+        dit: DiT,
+        vae: VideoVAE,
+        text_encoder: TextEncoder,
+        latent_mean: Tensor,
+        latent_std: Tensor,
+        *,
+        expand_prompts: bool = True,
+        model_hash: str = "",
+    ) -> None:
         self.dit, self.vae, self.text_encoder = dit.eval(), vae.eval(), text_encoder
-        self.mean, self.std = latent_mean.view(-1, 1, 1, 1).float(), latent_std.view(-1, 1, 1, 1).float()
+        self.mean, self.std = (
+            latent_mean.view(-1, 1, 1, 1).float(),
+            latent_std.view(-1, 1, 1, 1).float(),
+        )
         self.expand_prompts, self.model_hash = expand_prompts, model_hash
         self.patch = tuple(dit.config.patch_size)
         self.max_text_tokens = text_encoder.config.max_length
@@ -83,7 +97,9 @@ class VideoGenerator:
         expanded = expand_prompt(prompt) if self.expand_prompts else prompt
         encoding = self.text_encoder.encode([expanded])
         if encoding.num_truncated:
-            raise ValueError(f"prompt too long: it exceeds the text encoder's {self.max_text_tokens} tokens after expansion; shorten it")
+            raise ValueError(
+                f"prompt too long: it exceeds the text encoder's {self.max_text_tokens} tokens after expansion; shorten it"
+            )
         return encoding.states[0][encoding.mask[0]].float(), expanded
 
     def latent_shape(self, options: SampleOptions) -> tuple[int, int, int, int]:
@@ -91,8 +107,15 @@ class VideoGenerator:
         spatial, temporal = self.vae.config.spatial_factor, self.vae.config.temporal_factor
         step = spatial * self.patch[1]
         if options.height % step or options.width % step:
-            raise ValueError(f"height and width must be multiples of {step} (VAE stride x patch), got {options.height}x{options.width}")
-        return self.dit.config.in_channels, 1 + (options.frames - 1) // temporal, options.height // spatial, options.width // spatial
+            raise ValueError(
+                f"height and width must be multiples of {step} (VAE stride x patch), got {options.height}x{options.width}"
+            )
+        return (
+            self.dit.config.in_channels,
+            1 + (options.frames - 1) // temporal,
+            options.height // spatial,
+            options.width // spatial,
+        )
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> Tensor:
@@ -101,7 +124,9 @@ class VideoGenerator:
         return (latent - self.mean) / self.std
 
     @torch.no_grad()
-    def generate(self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None) -> GeneratedVideo:
+    def generate(
+        self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None
+    ) -> GeneratedVideo:
         """Sample one video; `cond_frames` (an image or a clip's leading frames) is kept as given."""
         states, expanded = self.encode_prompt(prompt)
         null_states = self._null_text()
@@ -112,13 +137,25 @@ class VideoGenerator:
         clean, mask = self._conditioning(cond_frames, shape, noise)
         velocity = self._velocity_fn(grid, states, null_states, clean, mask, options.cfg_scale)
         num_tokens = noise.shape[0]
-        shift = options.shift if options.shift is not None else float(flow.resolution_shift(torch.tensor(num_tokens)))
+        shift = (
+            options.shift
+            if options.shift is not None
+            else float(flow.resolution_shift(torch.tensor(num_tokens)))
+        )
         schedule = flow.sampling_schedule(options.steps, shift)
-        keep = None if mask is None else (lambda x: torch.where(mask.bool().unsqueeze(-1), clean, x))
-        tokens = flow.SAMPLERS[options.sampler](velocity, keep(noise) if keep else noise, schedule, 1, on_step=keep)
-        latent = unpatchify(tokens, grid, self.patch, shape[0]) * self.std + self.mean  # [C, F, h, w]
+        keep = (
+            None if mask is None else (lambda x: torch.where(mask.bool().unsqueeze(-1), clean, x))
+        )
+        tokens = flow.SAMPLERS[options.sampler](
+            velocity, keep(noise) if keep else noise, schedule, 1, on_step=keep
+        )
+        latent = (
+            unpatchify(tokens, grid, self.patch, shape[0]) * self.std + self.mean
+        )  # [C, F, h, w]
         video = self.vae.decode(latent.unsqueeze(0))[0]  # [3, T, H, W]
-        return GeneratedVideo(to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy())
+        return GeneratedVideo(
+            to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy()
+        )
 
     def _null_text(self) -> Tensor:
         """States of the empty caption (the unconditional branch of CFG), encoded once."""
@@ -127,7 +164,9 @@ class VideoGenerator:
             self._null_states = encoding.states[0][encoding.mask[0]].float()
         return self._null_states
 
-    def _conditioning(self, frames: np.ndarray | None, shape: tuple[int, ...], noise: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def _conditioning(
+        self, frames: np.ndarray | None, shape: tuple[int, ...], noise: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Clean latent tokens and their mask for the given leading frames (None for text-to-video)."""
         if frames is None:
             return None, None
@@ -135,18 +174,29 @@ class VideoGenerator:
             frames = frames[None]
         latent = self.encode_frames(frames)
         if latent.shape[2:] != shape[2:]:
-            raise ValueError(f"conditioning frames are {frames.shape[2]}x{frames.shape[1]}; they must match the requested size")
+            raise ValueError(
+                f"conditioning frames are {frames.shape[2]}x{frames.shape[1]}; they must match the requested size"
+            )
         num_cond = min(latent.shape[1], shape[1] - 1)
         full = torch.zeros(shape)
         full[:, :num_cond] = latent[:, :num_cond]
         frame_mask = torch.zeros(shape[1])
         frame_mask[:num_cond] = 1.0
         clean = patchify(full, self.patch)  # [N, P]
-        mask = patchify(frame_mask.view(1, -1, 1, 1).expand(1, *shape[1:]).contiguous(), self.patch)[:, 0]
+        mask = patchify(
+            frame_mask.view(1, -1, 1, 1).expand(1, *shape[1:]).contiguous(), self.patch
+        )[:, 0]
         return clean, (mask > 0).float()
 
-    def _velocity_fn(self, grid, states: Tensor, null_states: Tensor, clean: Tensor | None, mask: Tensor | None,
-                     cfg_scale: float):
+    def _velocity_fn(
+        self,
+        grid,
+        states: Tensor,
+        null_states: Tensor,
+        clean: Tensor | None,
+        mask: Tensor | None,
+        cfg_scale: float,
+    ):
         """Closure running conditional and unconditional passes as one packed batch of two."""
         grids = torch.tensor([grid, grid], dtype=torch.int64)
         text = torch.cat([states, null_states])
@@ -156,8 +206,16 @@ class VideoGenerator:
             num = x.shape[0]
             cond = None if clean is None else torch.cat([clean, clean])
             cond_mask = None if mask is None else torch.cat([mask, mask])
-            out = self.dit(torch.cat([x, x]), seqlens_to_cu([num, num]), grids, t.repeat(2).float(), text, text_cu,
-                           cond=cond, cond_mask=cond_mask)
+            out = self.dit(
+                torch.cat([x, x]),
+                seqlens_to_cu([num, num]),
+                grids,
+                t.repeat(2).float(),
+                text,
+                text_cu,
+                cond=cond,
+                cond_mask=cond_mask,
+            )
             return flow.guided_velocity(out[:num], out[num:], cfg_scale)
 
         return velocity
@@ -169,14 +227,30 @@ def write_mp4(path: str | Path, video: GeneratedVideo, fps: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = video.frames
     with av.open(str(path), "w") as container:
-        container.metadata.update({"title": video.prompt, "comment": json.dumps({
-            "prompt": video.prompt, "expanded_prompt": video.expanded_prompt, "seed": video.seed,
-            "model_hash": video.model_hash, "generator": GENERATOR_NAME, "options": video.options})})
+        container.metadata.update(
+            {
+                "title": video.prompt,
+                "comment": json.dumps(
+                    {
+                        "prompt": video.prompt,
+                        "expanded_prompt": video.expanded_prompt,
+                        "seed": video.seed,
+                        "model_hash": video.model_hash,
+                        "generator": GENERATOR_NAME,
+                        "options": video.options,
+                    }
+                ),
+            }
+        )
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": "12"}
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(
+                stream.encode(
+                    av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                )
+            )
         container.mux(stream.encode())
     return path
 
@@ -185,25 +259,48 @@ def _text_encoder(config: dict[str, Any]) -> TextEncoder:
     return TextEncoder(TextEncoderConfig(**config))
 
 
-def load_generator(path: str | Path, *, use_ema: bool = True, expand_prompts: bool = True) -> VideoGenerator:
+def load_generator(
+    path: str | Path, *, use_ema: bool = True, expand_prompts: bool = True
+) -> VideoGenerator:
     """From an export folder (dit.safetensors + vae.safetensors) or a DiT training checkpoint (.ckpt)."""
     path = Path(path)
     if path.is_dir():
         dit, saved = load_dit(path)
         meta = saved["meta"]
-        vae_dir = Path(meta["vae_dir"]) if Path(meta["vae_dir"]).is_absolute() else path / meta["vae_dir"]
+        vae_dir = (
+            Path(meta["vae_dir"]) if Path(meta["vae_dir"]).is_absolute() else path / meta["vae_dir"]
+        )
         vae = load_vae(vae_dir)
         model_hash = hashlib.sha256((path / "dit.safetensors").read_bytes()).hexdigest()[:16]
     elif path.is_file():
         checkpoint = torch_load_safe(path)
         hparams = checkpoint["hyper_parameters"]
         meta = hparams["meta"]
-        dit = DiT(DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hparams["dit"].items()}))
+        dit = DiT(
+            DiTConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in hparams["dit"].items()}
+            )
+        )
         prefix = "ema." if use_ema else "dit."
-        dit.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+        dit.load_state_dict(
+            {
+                k[len(prefix) :]: v
+                for k, v in checkpoint["state_dict"].items()
+                if k.startswith(prefix)
+            }
+        )
         vae = load_vae(meta["vae_dir"])
         model_hash = f"{path.name}@{checkpoint.get('global_step', 0)}"
     else:
-        raise FileNotFoundError(f"{path} is neither an export folder nor a checkpoint file; pass ckpt=RUN/export or a .ckpt")
-    return VideoGenerator(dit.eval(), vae, _text_encoder(meta["text"]), torch.tensor(meta["latent_mean"]),
-                          torch.tensor(meta["latent_std"]), expand_prompts=expand_prompts, model_hash=model_hash)
+        raise FileNotFoundError(
+            f"{path} is neither an export folder nor a checkpoint file; pass ckpt=RUN/export or a .ckpt"
+        )
+    return VideoGenerator(
+        dit.eval(),
+        vae,
+        _text_encoder(meta["text"]),
+        torch.tensor(meta["latent_mean"]),
+        torch.tensor(meta["latent_std"]),
+        expand_prompts=expand_prompts,
+        model_hash=model_hash,
+    )

@@ -22,14 +22,25 @@ def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None
     if path is None:
         return None
     if not Path(path).is_file():
-        raise FileNotFoundError(f"conditioning file {path} does not exist; pass an existing image or video path")
+        raise FileNotFoundError(
+            f"conditioning file {path} does not exist; pass an existing image or video path"
+        )
     data = Path(path).read_bytes()
     return decode_image(data) if image else decode_video(data)[0]
 
 
 def options_from(cfg: DictConfig, seed: int) -> SampleOptions:
-    return SampleOptions(frames=cfg.frames, height=cfg.height, width=cfg.width, steps=cfg.steps,
-                         cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, shift=cfg.shift, seed=seed, fps=cfg.fps)
+    return SampleOptions(
+        frames=cfg.frames,
+        height=cfg.height,
+        width=cfg.width,
+        steps=cfg.steps,
+        cfg_scale=cfg.cfg_scale,
+        sampler=cfg.sampler,
+        shift=cfg.shift,
+        seed=seed,
+        fps=cfg.fps,
+    )
 
 
 def sample(cfg: DictConfig) -> list[Path]:
@@ -39,8 +50,11 @@ def sample(cfg: DictConfig) -> list[Path]:
     options_from(cfg, cfg.seed)  # validate sizes before loading anything
     generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
     cond = read_conditioning(cfg.image, cfg.video)
-    jobs = [(cfg.prompt, Path(cfg.out))] if cfg.prompt else [
-        (p, Path(cfg.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(cfg.prompts)]
+    jobs = (
+        [(cfg.prompt, Path(cfg.out))]
+        if cfg.prompt
+        else [(p, Path(cfg.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(cfg.prompts)]
+    )
     written = []
     for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
         video = generator.generate(prompt, options_from(cfg, cfg.seed), cond_frames=cond)

@@ -39,20 +39,33 @@ class ThroughputMonitor(L.Callback):
             self.peak_flops = measure_matmul_flops()
         log.info("matmul peak measured at %.1f GFLOP/s", self.peak_flops / 1e9)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         now = time.perf_counter()
         compute = now - self._batch_start
         total = compute if self._last_end is None else now - self._last_end
         self._last_end = now
         tokens, samples, flops = _batch_counts(pl_module, batch)
-        metrics = {"train/tokens_per_s": tokens / total, "train/samples_per_s": samples / total,
-                   "train/data_wait_fraction": max(0.0, 1.0 - compute / total)}
+        metrics = {
+            "train/tokens_per_s": tokens / total,
+            "train/samples_per_s": samples / total,
+            "train/data_wait_fraction": max(0.0, 1.0 - compute / total),
+        }
         if flops and self.peak_flops:
-            metrics["train/mfu"] = 3.0 * flops / total / self.peak_flops  # forward + backward ~ 3x forward
+            metrics["train/mfu"] = (
+                3.0 * flops / total / self.peak_flops
+            )  # forward + backward ~ 3x forward
         pl_module.log_dict(metrics)
 
 
@@ -72,25 +85,57 @@ def gif_summary(tag: str, frames: np.ndarray, fps: int) -> Summary:
     """An animated GIF as a TensorBoard image summary: plays in the Images tab, no moviepy needed."""
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=int(1000 / fps),
+        loop=0,
+    )
     height, width = frames.shape[1:3]
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+    image = Summary.Image(
+        height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue()
+    )
     return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
 class VideoSampleLogger(L.Callback):
     """Every N steps, samples fixed prompts with the EMA weights and logs them as playable videos."""
 
-    def __init__(self, prompts: list[str], *, every_n_steps: int, frames: int, height: int, width: int,
-                 steps: int = 12, cfg_scale: float = 5.0, fps: int = 8) -> None:
+    def __init__(
+        self,
+        prompts: list[str],
+        *,
+        every_n_steps: int,
+        frames: int,
+        height: int,
+        width: int,
+        steps: int = 12,
+        cfg_scale: float = 5.0,
+        fps: int = 8,
+    ) -> None:
         self.prompts, self.every_n_steps = list(prompts), every_n_steps
-        self.options = dict(frames=frames, height=height, width=width, steps=steps, cfg_scale=cfg_scale, fps=fps)
+        self.options = dict(
+            frames=frames, height=height, width=width, steps=steps, cfg_scale=cfg_scale, fps=fps
+        )
         self._generator = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = trainer.global_step
-        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero or trainer.logger is None:
+        if (
+            self.every_n_steps <= 0
+            or step % self.every_n_steps
+            or not trainer.is_global_zero
+            or trainer.logger is None
+        ):
             return
         self.log_samples(trainer, pl_module, step)
 
@@ -102,7 +147,9 @@ class VideoSampleLogger(L.Callback):
         for index, prompt in enumerate(self.prompts):
             video = generator.generate(prompt, SampleOptions(seed=index, **self.options))
             summary = gif_summary(f"samples/{index}", video.frames, self.options["fps"])
-            writer._get_file_writer().add_summary(summary, step)  # SummaryWriter has no public raw-summary API
+            writer._get_file_writer().add_summary(
+                summary, step
+            )  # SummaryWriter has no public raw-summary API
             writer.add_text(f"samples/{index}_prompt", prompt, step)
         writer.flush()
 
@@ -113,8 +160,12 @@ class VideoSampleLogger(L.Callback):
 
         if self._generator is None:
             meta = pl_module.hparams.meta
-            self._generator = VideoGenerator(pl_module.ema, load_vae(meta["vae_dir"]),
-                                             TextEncoder(TextEncoderConfig(**meta["text"])),
-                                             torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"]))
+            self._generator = VideoGenerator(
+                pl_module.ema,
+                load_vae(meta["vae_dir"]),
+                TextEncoder(TextEncoderConfig(**meta["text"])),
+                torch.tensor(meta["latent_mean"]),
+                torch.tensor(meta["latent_std"]),
+            )
         self._generator.dit = pl_module.ema
         return self._generator

@@ -44,11 +44,17 @@ class Stage:
         if self.steps < 0:
             raise ValueError(f"stage {self.name!r}: steps must be >= 0, got {self.steps}")
         if not 1 <= lo <= hi:
-            raise ValueError(f"stage {self.name!r}: frames must satisfy 1 <= min <= max, got {self.frames}")
+            raise ValueError(
+                f"stage {self.name!r}: frames must satisfy 1 <= min <= max, got {self.frames}"
+            )
         if (lo - 1) % 4 or (hi - 1) % 4:
-            raise ValueError(f"stage {self.name!r}: frame counts must be 1 + 4k (1, 5, 9, 17, 33...), got {self.frames}")
+            raise ValueError(
+                f"stage {self.name!r}: frame counts must be 1 + 4k (1, 5, 9, 17, 33...), got {self.frames}"
+            )
         if not 0.0 <= self.image_fraction <= 1.0 or not 0.0 <= self.cond_probability <= 1.0:
-            raise ValueError(f"stage {self.name!r}: image_fraction and cond_probability must be in [0, 1]")
+            raise ValueError(
+                f"stage {self.name!r}: image_fraction and cond_probability must be in [0, 1]"
+            )
         if self.token_budget < 1 or self.lr <= 0 or self.max_area < 64:
             raise ValueError(f"stage {self.name!r}: token_budget, lr and max_area must be positive")
         if self.sequence_parallel < 1:

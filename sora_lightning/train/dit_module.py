@@ -40,12 +40,23 @@ def noise_generator(seed: int, step: int, rank: int) -> torch.Generator:
 class DiTModule(L.LightningModule):
     """DiT + EMA + curriculum-driven LR; batches are `PackedBatch`es of normalised latents."""
 
-    def __init__(self, dit: dict[str, Any], curriculum: dict[str, Any], *, seed: int = 0,
-                 flow_cfg: dict[str, Any] | None = None, weight_decay: float = 0.0, ema_decay: float = 0.999,
-                 meta: dict[str, Any] | None = None, parallel: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        dit: dict[str, Any],
+        curriculum: dict[str, Any],
+        *,
+        seed: int = 0,
+        flow_cfg: dict[str, Any] | None = None,
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.999,
+        meta: dict[str, Any] | None = None,
+        parallel: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.dit_config = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in dit.items()})
+        self.dit_config = DiTConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in dit.items()}
+        )
         self.dit = DiT(self.dit_config)
         self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
         self.curriculum = Curriculum(**curriculum)
@@ -56,12 +67,18 @@ class DiTModule(L.LightningModule):
     def configure_model(self) -> None:
         """Parallelism from outside the model: activation checkpointing, FSDP2 sharding (strategy config)."""
         if not self._parallelized:
-            parallelize_module(self.dit, self.ema, self.trainer.strategy, self.hparams.parallel or {})
+            parallelize_module(
+                self.dit, self.ema, self.trainer.strategy, self.hparams.parallel or {}
+            )
             self._parallelized = True
 
     def _timesteps(self, batch: PackedBatch, generator: torch.Generator) -> Tensor:
-        t = flow.sample_logit_normal(batch.num_samples, mean=self.flow_cfg.logit_mean,
-                                     std=self.flow_cfg.logit_std, generator=generator)
+        t = flow.sample_logit_normal(
+            batch.num_samples,
+            mean=self.flow_cfg.logit_mean,
+            std=self.flow_cfg.logit_std,
+            generator=generator,
+        )
         stage = self.curriculum.stages[self.curriculum.stage_at(self.global_step)[0]]
         if stage.shift is not None:
             return flow.shift_timesteps(t, stage.shift)
@@ -74,23 +91,48 @@ class DiTModule(L.LightningModule):
         timesteps = self._timesteps(batch, generator).to(self.device)  # [B]
         noise = torch.randn(batch.x.shape, generator=generator).to(batch.x)  # [L, P]
         sample_index = cu_to_sample_index(batch.cu_seqlens)  # [L]
-        cond_mask = batch.cond_mask if batch.cond_mask is not None else torch.zeros_like(sample_index, dtype=batch.x.dtype)
+        cond_mask = (
+            batch.cond_mask
+            if batch.cond_mask is not None
+            else torch.zeros_like(sample_index, dtype=batch.x.dtype)
+        )
         x_t = flow.add_noise(batch.x, noise, timesteps[sample_index])  # [L, P]
         x_t = torch.where(cond_mask.bool().unsqueeze(-1), batch.x, x_t)  # clean conditioning frames
-        pred = self.dit(x_t, batch.cu_seqlens, batch.grid_sizes, timesteps, batch.text, batch.text_cu_seqlens,
-                        cond=batch.cond, cond_mask=batch.cond_mask)  # [L, P]
-        loss = flow.flow_loss(pred, flow.velocity_target(batch.x, noise), sample_index, batch.num_samples,
-                              loss_mask=1.0 - cond_mask)
-        self._log_step(loss, batch)  # a skipped step logs its NaN: Lightning would repeat the last good value
+        pred = self.dit(
+            x_t,
+            batch.cu_seqlens,
+            batch.grid_sizes,
+            timesteps,
+            batch.text,
+            batch.text_cu_seqlens,
+            cond=batch.cond,
+            cond_mask=batch.cond_mask,
+        )  # [L, P]
+        loss = flow.flow_loss(
+            pred,
+            flow.velocity_target(batch.x, noise),
+            sample_index,
+            batch.num_samples,
+            loss_mask=1.0 - cond_mask,
+        )
+        self._log_step(
+            loss, batch
+        )  # a skipped step logs its NaN: Lightning would repeat the last good value
         if not self._all_finite(loss):
-            self._step_skipped = True  # counted, and acted on after K in a row, by train.guards.NonFiniteGuard
+            self._step_skipped = (
+                True  # counted, and acted on after K in a row, by train.guards.NonFiniteGuard
+            )
             return None  # skip backward, the optimizer update and the EMA update on every rank
         return loss
 
     def _all_finite(self, loss: Tensor) -> bool:
         """Decide together: one rank's NaN must skip the step everywhere, or DDP hangs."""
         bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
-        bad = self.trainer.strategy.reduce(bad, reduce_op="max") if self.trainer.world_size > 1 else bad
+        bad = (
+            self.trainer.strategy.reduce(bad, reduce_op="max")
+            if self.trainer.world_size > 1
+            else bad
+        )
         return bool(bad.item() == 0.0)
 
     def _log_step(self, loss: Tensor, batch: PackedBatch) -> None:
@@ -107,7 +149,9 @@ class DiTModule(L.LightningModule):
         grads = [p.grad for p in self.dit.parameters() if p.grad is not None]  # None under ZeRO-3
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            self.log(
+                "train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """EMA right after the update and before any callback runs: a checkpoint written in
@@ -122,8 +166,12 @@ class DiTModule(L.LightningModule):
         """EMA with a warmup so early steps are not dominated by the random init."""
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         for ema_param, param in zip(self.ema.parameters(), self.dit.parameters(), strict=True):
-            if hasattr(param, "ds_tensor"):  # ZeRO-3: both partitioned alike, update the local shard
-                ema_param.ds_tensor.lerp_(param.ds_tensor.to(ema_param.ds_tensor.dtype), 1.0 - decay)
+            if hasattr(
+                param, "ds_tensor"
+            ):  # ZeRO-3: both partitioned alike, update the local shard
+                ema_param.ds_tensor.lerp_(
+                    param.ds_tensor.to(ema_param.ds_tensor.dtype), 1.0 - decay
+                )
             else:  # plain tensors, or FSDP2 DTensors with matching placements (local lerp)
                 ema_param.lerp_(param.detach(), 1.0 - decay)
 
@@ -132,7 +180,15 @@ class DiTModule(L.LightningModule):
         decay, no_decay = [], []
         for name, param in self.dit.named_parameters():
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, betas=(0.9, 0.99))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.curriculum.lr_at(step) / base_lr)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=base_lr,
+            betas=(0.9, 0.99),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.curriculum.lr_at(step) / base_lr
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

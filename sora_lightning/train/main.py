@@ -59,7 +59,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task == "dit":
         for key in ("cache_dir", "vae_dir"):
             if not cfg.data.get(key):
-                raise ValueError(f"task=dit needs data.{key}; run the pipeline's earlier steps or set it")
+                raise ValueError(
+                    f"task=dit needs data.{key}; run the pipeline's earlier steps or set it"
+                )
     for key in ("curriculum", "model.dit", "model.vae", "model.text"):
         _check_node(cfg, key)
 
@@ -79,7 +81,9 @@ def expand_shards(spec: Any) -> list[str]:
     patterns = [spec] if isinstance(spec, str) else list(spec)
     paths = sorted({p for pattern in patterns for p in glob.glob(str(pattern))})
     if not paths:
-        raise FileNotFoundError(f"no shard matches {patterns}; write shards first (tools/make_shards.py)")
+        raise FileNotFoundError(
+            f"no shard matches {patterns}; write shards first (tools/make_shards.py)"
+        )
     return paths
 
 
@@ -88,34 +92,65 @@ def _world_size(trainer_kwargs: dict[str, Any]) -> int | None:
     return devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, max_steps: int, extra_callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, max_steps: int, extra_callbacks: list[L.Callback]
+) -> L.Trainer:
     """Trainer with TensorBoard, periodic checkpoints (keep last k) and progress bars."""
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["max_steps"] = max_steps
-    checkpoints, plugins = build_checkpointing(CheckpointConfig(**cfg.checkpoint), run_dir / "checkpoints",
-                                               sharded=cfg.strategy.name in SHARDED)
-    progress = [TQDMProgressBar(refresh_rate=5)] if trainer_kwargs.get("enable_progress_bar", True) else []
-    guards = [guard_from_config(cfg.get("nonfinite"), run_dir / "checkpoints")] if cfg.task == "dit" else []
+    checkpoints, plugins = build_checkpointing(
+        CheckpointConfig(**cfg.checkpoint),
+        run_dir / "checkpoints",
+        sharded=cfg.strategy.name in SHARDED,
+    )
+    progress = (
+        [TQDMProgressBar(refresh_rate=5)] if trainer_kwargs.get("enable_progress_bar", True) else []
+    )
+    guards = (
+        [guard_from_config(cfg.get("nonfinite"), run_dir / "checkpoints")]
+        if cfg.task == "dit"
+        else []
+    )
     callbacks = [*checkpoints, *progress, *guards, *extra_callbacks, *preemption_callbacks()]
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
-    return L.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks, use_distributed_sampler=False,
-                     plugins=plugins, strategy=build_strategy(OmegaConf.to_container(cfg.strategy), _world_size(trainer_kwargs)),
-                     **trainer_kwargs)
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        plugins=plugins,
+        strategy=build_strategy(OmegaConf.to_container(cfg.strategy), _world_size(trainer_kwargs)),
+        **trainer_kwargs,
+    )
 
 
-def _fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path,
-         resume_from: str | None = None) -> None:
+def _fit(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    run_dir: Path,
+    resume_from: str | None = None,
+) -> None:
     """Fit from the requested checkpoint or the newest that verifies (weights_only), then save the final one."""
-    sharded = trainer.strategy.__class__.__name__ in ("CPUCapableDeepSpeedStrategy", "ModelParallelStrategy")
+    sharded = trainer.strategy.__class__.__name__ in (
+        "CPUCapableDeepSpeedStrategy",
+        "ModelParallelStrategy",
+    )
     if sharded:  # ZeRO-3 / DCP write folders through their own I/O
         resume = find_sharded_checkpoint(run_dir / "checkpoints")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     else:
-        resume = resolve_resume(resume_from, run_dir / "checkpoints")  # loaded by AtomicCheckpointIO: weights_only
+        resume = resolve_resume(
+            resume_from, run_dir / "checkpoints"
+        )  # loaded by AtomicCheckpointIO: weights_only
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     final = run_dir / "checkpoints" / f"step={trainer.global_step}.ckpt"
-    missing = sharded or verify_checkpoint(final) is not None  # never overwrite a good one (keep_last=1 would lose it)
-    if trainer.strategy.broadcast(missing, src=0):  # rank 0 decides: save_checkpoint has a barrier inside
+    missing = (
+        sharded or verify_checkpoint(final) is not None
+    )  # never overwrite a good one (keep_last=1 would lose it)
+    if trainer.strategy.broadcast(
+        missing, src=0
+    ):  # rank 0 decides: save_checkpoint has a barrier inside
         trainer.save_checkpoint(final)
 
 
@@ -124,25 +159,52 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     vae_cfg = instantiate(cfg.model.vae, _convert_="all")
     hp = cfg.vae_train
     steps = cfg.trainer.get("max_steps") or hp.steps
-    module = VAEModule(config_to_dict(vae_cfg), lr=hp.lr, warmup_steps=hp.warmup_steps, total_steps=steps,
-                       l1_weight=hp.l1_weight, mse_weight=hp.mse_weight, kl_weight=hp.kl_weight,
-                       sample_posterior=hp.get("sample_posterior", True))
-    datamodule = VAEDataModule(expand_shards(cfg.data.shards), batch_size=hp.batch_size, crop=hp.crop,
-                               frame_choices=tuple(hp.frame_choices), max_area=cfg.cache.max_area,
-                               multiple=cfg.cache.multiple, seed=cfg.seed, num_steps=steps, num_workers=cfg.data.num_workers)
+    module = VAEModule(
+        config_to_dict(vae_cfg),
+        lr=hp.lr,
+        warmup_steps=hp.warmup_steps,
+        total_steps=steps,
+        l1_weight=hp.l1_weight,
+        mse_weight=hp.mse_weight,
+        kl_weight=hp.kl_weight,
+        sample_posterior=hp.get("sample_posterior", True),
+    )
+    datamodule = VAEDataModule(
+        expand_shards(cfg.data.shards),
+        batch_size=hp.batch_size,
+        crop=hp.crop,
+        frame_choices=tuple(hp.frame_choices),
+        max_area=cfg.cache.max_area,
+        multiple=cfg.cache.multiple,
+        seed=cfg.seed,
+        num_steps=steps,
+        num_workers=cfg.data.num_workers,
+    )
     trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor()])
     _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
     save_module(module.vae, vae_cfg, run_dir, "vae", {"steps": trainer.global_step})
-    return {"task": "vae", "steps": trainer.global_step, "weights": str(run_dir / "vae.safetensors"),
-            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+    return {
+        "task": "vae",
+        "steps": trainer.global_step,
+        "weights": str(run_dir / "vae.safetensors"),
+        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+    }
 
 
-def _dit_meta(vae_dir: str, vae: VideoVAE, vae_hash: str, text_cfg: Any, cache_meta: dict) -> dict[str, Any]:
+def _dit_meta(
+    vae_dir: str, vae: VideoVAE, vae_hash: str, text_cfg: Any, cache_meta: dict
+) -> dict[str, Any]:
     """What sampling needs besides the DiT weights: where the VAE is, the text encoder, latent stats."""
-    return {"vae_dir": str(Path(vae_dir).resolve()), "text": config_to_dict(text_cfg),
-            "latent_mean": cache_meta["latent_mean"], "latent_std": cache_meta["latent_std"],
-            "spatial_factor": vae.config.spatial_factor, "temporal_factor": vae.config.temporal_factor,
-            "cache_key": cache_meta["key"], "vae_hash": vae_hash}
+    return {
+        "vae_dir": str(Path(vae_dir).resolve()),
+        "text": config_to_dict(text_cfg),
+        "latent_mean": cache_meta["latent_mean"],
+        "latent_std": cache_meta["latent_std"],
+        "spatial_factor": vae.config.spatial_factor,
+        "temporal_factor": vae.config.temporal_factor,
+        "cache_key": cache_meta["key"],
+        "vae_hash": vae_hash,
+    }
 
 
 def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -158,21 +220,47 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     meta = _dit_meta(cfg.data.vae_dir, vae, vae_hash, text_cfg, cache_meta)
     steps = cfg.trainer.get("max_steps") or curriculum.total_steps
     hp = cfg.dit_train
-    module = DiTModule(config_to_dict(dit_cfg), curriculum.to_dict(), seed=cfg.seed, weight_decay=hp.weight_decay,
-                       ema_decay=hp.ema_decay, meta=meta, parallel=OmegaConf.to_container(cfg.strategy, resolve=True))
-    datamodule = DiTDataModule(cfg.data.cache_dir, curriculum, expected_key=expected, patch_size=dit_cfg.patch_size,
-                               spatial_factor=vae.config.spatial_factor, temporal_factor=vae.config.temporal_factor,
-                               seed=cfg.seed, caption_probs=dict(cfg.data.caption_probs),
-                               text_dropout=cfg.data.text_dropout, num_steps=steps, num_workers=cfg.data.num_workers)
-    samples = VideoSampleLogger(list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, **hp.sample_options)
-    trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor(), samples, ShardReport(run_dir / "sharding")])
+    module = DiTModule(
+        config_to_dict(dit_cfg),
+        curriculum.to_dict(),
+        seed=cfg.seed,
+        weight_decay=hp.weight_decay,
+        ema_decay=hp.ema_decay,
+        meta=meta,
+        parallel=OmegaConf.to_container(cfg.strategy, resolve=True),
+    )
+    datamodule = DiTDataModule(
+        cfg.data.cache_dir,
+        curriculum,
+        expected_key=expected,
+        patch_size=dit_cfg.patch_size,
+        spatial_factor=vae.config.spatial_factor,
+        temporal_factor=vae.config.temporal_factor,
+        seed=cfg.seed,
+        caption_probs=dict(cfg.data.caption_probs),
+        text_dropout=cfg.data.text_dropout,
+        num_steps=steps,
+        num_workers=cfg.data.num_workers,
+    )
+    samples = VideoSampleLogger(
+        list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, **hp.sample_options
+    )
+    trainer = build_trainer(
+        cfg, run_dir, steps, [ThroughputMonitor(), samples, ShardReport(run_dir / "sharding")]
+    )
     _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
     ema = DiT(dit_cfg)  # gathered from ZeRO-3 partitions / FSDP2 shards (a no-op copy otherwise)
     ema.load_state_dict(gathered_state_dict(module.ema))
     if trainer.is_global_zero:
-        save_module(ema, dit_cfg, run_dir / "final", "dit", {"meta": meta, "steps": trainer.global_step})
-    return {"task": "dit", "steps": trainer.global_step, "weights": str(run_dir / "final" / "dit.safetensors"),
-            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+        save_module(
+            ema, dit_cfg, run_dir / "final", "dit", {"meta": meta, "steps": trainer.global_step}
+        )
+    return {
+        "task": "dit",
+        "steps": trainer.global_step,
+        "weights": str(run_dir / "final" / "dit.safetensors"),
+        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -12,8 +12,16 @@ from sora_lightning.diffusion.flow import cosine_warmup_lr
 from sora_lightning.models.vae import VAEConfig, VideoVAE
 
 
-def vae_loss(recon: Tensor, target: Tensor, kl_per_sample: Tensor, num_latent: int, *, l1_weight: float,
-             mse_weight: float, kl_weight: float) -> dict[str, Tensor]:
+def vae_loss(
+    recon: Tensor,
+    target: Tensor,
+    kl_per_sample: Tensor,
+    num_latent: int,
+    *,
+    l1_weight: float,
+    mse_weight: float,
+    kl_weight: float,
+) -> dict[str, Tensor]:
     """Weighted reconstruction and KL terms; KL is per latent element so its weight is size-independent."""
     l1 = (recon - target).abs().mean()
     mse = (recon - target).pow(2).mean()
@@ -25,18 +33,39 @@ def vae_loss(recon: Tensor, target: Tensor, kl_per_sample: Tensor, num_latent: i
 class VAEModule(L.LightningModule):
     """Wraps VideoVAE with its loss, AdamW and a warmup + cosine schedule."""
 
-    def __init__(self, vae: dict[str, Any], *, lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 50, total_steps: int = 1000, l1_weight: float = 1.0,
-                 mse_weight: float = 1.0, kl_weight: float = 1e-4, sample_posterior: bool = True) -> None:
+    def __init__(
+        self,
+        vae: dict[str, Any],
+        *,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        total_steps: int = 1000,
+        l1_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        kl_weight: float = 1e-4,
+        sample_posterior: bool = True,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.vae = VideoVAE(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae.items()}))
+        self.vae = VideoVAE(
+            VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae.items()})
+        )
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        recon, posterior = self.vae(batch, sample_posterior=self.hparams.sample_posterior)  # [B, 3, T, H, W]
+        recon, posterior = self.vae(
+            batch, sample_posterior=self.hparams.sample_posterior
+        )  # [B, 3, T, H, W]
         num_latent = posterior.mean[0].numel()
-        terms = vae_loss(recon, batch, posterior.kl(), num_latent, l1_weight=self.hparams.l1_weight,
-                         mse_weight=self.hparams.mse_weight, kl_weight=self.hparams.kl_weight)
+        terms = vae_loss(
+            recon,
+            batch,
+            posterior.kl(),
+            num_latent,
+            l1_weight=self.hparams.l1_weight,
+            mse_weight=self.hparams.mse_weight,
+            kl_weight=self.hparams.kl_weight,
+        )
         self.log_dict({f"vae/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
         self.log("train/loss", terms["loss"].detach(), prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -44,7 +73,13 @@ class VAEModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=hp.lr, betas=(0.9, 0.99), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.vae.parameters(), lr=hp.lr, betas=(0.9, 0.99), weight_decay=hp.weight_decay
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_warmup_lr(step, warmup_steps=hp.warmup_steps, total_steps=hp.total_steps))
+            optimizer,
+            lambda step: cosine_warmup_lr(
+                step, warmup_steps=hp.warmup_steps, total_steps=hp.total_steps
+            ),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -25,7 +25,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return asdict(config) if is_dataclass(config) else dict(config)
 
 
-def save_module(module: nn.Module, config: Any, directory: str | Path, name: str, extra: dict | None = None) -> Path:
+def save_module(
+    module: nn.Module, config: Any, directory: str | Path, name: str, extra: dict | None = None
+) -> Path:
     """Write `name.safetensors` and `name.json` (config + extra metadata) atomically enough for a step."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,9 @@ def save_module(module: nn.Module, config: Any, directory: str | Path, name: str
     tmp = directory / f".{name}.safetensors.tmp"
     safetensors.torch.save_file(state, str(tmp))
     tmp.replace(directory / f"{name}.safetensors")
-    write_json_atomic(directory / f"{name}.json", {"config": config_to_dict(config), **(extra or {})})
+    write_json_atomic(
+        directory / f"{name}.json", {"config": config_to_dict(config), **(extra or {})}
+    )
     return directory / f"{name}.safetensors"
 
 
@@ -41,7 +45,9 @@ def read_module_meta(directory: str | Path, name: str) -> dict[str, Any]:
     """The JSON written beside a module's weights; clear error if the step never finished."""
     path = Path(directory) / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train or export the {name} first (or fix the path)")
+        raise FileNotFoundError(
+            f"{path} not found: train or export the {name} first (or fix the path)"
+        )
     return json.loads(path.read_text())
 
 

@@ -13,16 +13,41 @@ def make_dataset(rank: int = 0, world_size: int = 1, seed: int = 0) -> PackStepD
     generator = torch.Generator().manual_seed(0)
     samples = []
     for i in range(12):
-        frames = 1 if i % 4 == 0 else 9  # images are 1-latent-frame samples; clips 9 latent frames (33 px frames)
+        frames = (
+            1 if i % 4 == 0 else 9
+        )  # images are 1-latent-frame samples; clips 9 latent frames (33 px frames)
         height, width = [(4, 4), (4, 6), (6, 4)][i % 3]
-        samples.append(CachedSample(f"s{i}", torch.randn(4, frames, height, width, generator=generator),
-                                    {"detailed": torch.randn(5, 8, generator=generator), "short": torch.randn(3, 8, generator=generator)}))
-    curriculum = Curriculum(stages=[Stage("img", 3, frames=(1, 1), token_budget=12),
-                                    Stage("vid", 3, frames=(5, 9), token_budget=128, cond_probability=0.5)])
-    return PackStepDataset(samples, torch.zeros(2, 8), torch.zeros(4), torch.ones(4), curriculum,
-                           patch_size=(1, 2, 2), spatial_factor=4, temporal_factor=4, seed=seed,
-                           caption_probs={"detailed": 0.8, "short": 0.2}, text_dropout=0.1,
-                           rank=rank, world_size=world_size)
+        samples.append(
+            CachedSample(
+                f"s{i}",
+                torch.randn(4, frames, height, width, generator=generator),
+                {
+                    "detailed": torch.randn(5, 8, generator=generator),
+                    "short": torch.randn(3, 8, generator=generator),
+                },
+            )
+        )
+    curriculum = Curriculum(
+        stages=[
+            Stage("img", 3, frames=(1, 1), token_budget=12),
+            Stage("vid", 3, frames=(5, 9), token_budget=128, cond_probability=0.5),
+        ]
+    )
+    return PackStepDataset(
+        samples,
+        torch.zeros(2, 8),
+        torch.zeros(4),
+        torch.ones(4),
+        curriculum,
+        patch_size=(1, 2, 2),
+        spatial_factor=4,
+        temporal_factor=4,
+        seed=seed,
+        caption_probs={"detailed": 0.8, "short": 0.2},
+        text_dropout=0.1,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def test_same_step_same_batch_even_from_a_fresh_dataset() -> None:
