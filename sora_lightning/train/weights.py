@@ -59,7 +59,7 @@ def load_vae(directory: str | Path, name: str = "vae") -> VideoVAE:
     """VideoVAE from `name.safetensors` + `name.json`, in eval mode."""
     meta = read_module_meta(directory, name)
     vae = VideoVAE(VAEConfig(**_tuplify(meta["config"])))
-    vae.load_state_dict(safetensors.torch.load_file(str(Path(directory) / f"{name}.safetensors")))
+    _load_weights(vae, directory, name)
     return vae.eval()
 
 
@@ -67,8 +67,20 @@ def load_dit(directory: str | Path, name: str = "dit") -> tuple[DiT, dict[str, A
     """DiT + its metadata (latent stats, text encoder config, VAE location) from an export."""
     meta = read_module_meta(directory, name)
     dit = DiT(DiTConfig(**_tuplify(meta["config"])))
-    dit.load_state_dict(safetensors.torch.load_file(str(Path(directory) / f"{name}.safetensors")))
+    _load_weights(dit, directory, name)
     return dit.eval(), meta
+
+
+def _load_weights(module: nn.Module, directory: str | Path, name: str) -> None:
+    """Load `name.safetensors` into a module built from `name.json`, naming both files on a mismatch."""
+    path = Path(directory) / f"{name}.safetensors"
+    try:
+        module.load_state_dict(safetensors.torch.load_file(str(path)))
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path} does not fit the model described by {path.with_suffix('.json')} (a file from "
+            f"another model or an older code version); re-export or retrain the {name}. Details: {error}"
+        ) from error
 
 
 def torch_load_safe(path: str | Path) -> dict[str, Any]:
