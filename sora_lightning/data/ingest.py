@@ -4,19 +4,33 @@ Why here: every source ends in the same sample format (see `shards.py`), each me
 probed and test-decoded once at ingest so training never meets a broken file it could have
 been told about, and the summary (written/skipped by reason) is the step's verifiable output.
 Real media bytes are stored untouched; world clips are rendered and encoded deterministically.
+
+Scaling out: the probe + full test decode of each input (or the render of each world sample) is
+a pure function of that input, so `workers` processes do it in a pool while the main process
+keeps the input order (`Pool.imap`), writes the shards and counts skips: the output is
+byte-identical for any number of workers. For SLURM job arrays, `num_parts`/`part` keep only the
+inputs i with i % num_parts == part and name their files after the part
+(`shard-{part:03d}-{n:06d}.tar`, `summary.part-{part:03d}.json`); `merge_summaries` then writes
+the dataset's `summary.json`. Keys are assigned from the whole input list before the split, so
+the parts together hold exactly the samples (and keys) of one single run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +55,64 @@ FOLDER_IMAGE_EXTS = ("png", "jpg", "jpeg")
 """Image files picked up by `shards_from_folder`."""
 SUMMARY_NAME = "summary.json"
 """Written last in the output folder: its presence marks a finished ingest."""
+PART_SUMMARY = "summary.part-{part:03d}.json"
+"""Summary of one array task (`--num-parts/--part`); `merge_summaries` combines them."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where and how to write shards; shared by every source."""
+
+    out_dir: Path
+    """Output folder for shards and the summary."""
+    max_count: int = 1000
+    """Samples per shard."""
+    max_size: float = 1e9
+    """Bytes per shard (approximate)."""
+    overwrite: bool = False
+    """Replace an earlier ingest's files instead of refusing."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    workers: int = 1
+    """Processes that probe/decode (or render) inputs; the output does not depend on it."""
+    num_parts: int | None = None
+    """Split the inputs into this many array tasks (None: one run writes everything)."""
+    part: int = 0
+    """This task's part, in [0, num_parts)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.num_parts is not None and not 0 <= self.part < self.num_parts:
+            raise ValueError(
+                f"need 0 <= part < num_parts, got part={self.part}, num_parts={self.num_parts}"
+            )
+
+    @property
+    def shard_prefix(self) -> str:
+        """`shard`, or `shard-{part:03d}` for an array task."""
+        return "shard" if self.num_parts is None else f"shard-{self.part:03d}"
+
+    @property
+    def summary_name(self) -> str:
+        """`summary.json`, or this part's `summary.part-{part:03d}.json`."""
+        return SUMMARY_NAME if self.num_parts is None else PART_SUMMARY.format(part=self.part)
+
+    def select(self, jobs: list) -> list:
+        """This part's inputs: those at positions i with i % num_parts == part."""
+        return jobs if self.num_parts is None else jobs[self.part :: self.num_parts]
+
+
+class Outcome(NamedTuple):
+    """One input's result: a sample, or why it was skipped (reason, what)."""
+
+    sample: dict | None
+    reason: str | None = None
+    what: str = ""
+
+
+def _output(out_dir: str | Path, options: dict) -> Output:
+    return Output(Path(out_dir), **options)
 
 
 def shards_from_world(
@@ -50,16 +122,16 @@ def shards_from_world(
     num_images: int,
     seed: int,
     clip_lengths: Sequence[int] | None = None,
-    max_count: int = 1000,
-    max_size: float = 1e9,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: object,
 ) -> dict:
     """Render `num_clips` clips and `num_images` images of the embedded world (train split) into shards.
 
     Deterministic in `seed`: sample i is drawn from its own generator seeded (seed, kind, i), so
-    the same seed gives byte-identical shards. Clips and images are interleaved evenly.
+    the same seed gives byte-identical shards. Clips and images are interleaved evenly; an array
+    task (`num_parts`) takes every num_parts-th sample of that interleaved order. `options` are
+    the fields of `Output` (max_count, max_size, overwrite, progress, workers, num_parts, part).
     """
+    output = _output(out_dir, options)
     if num_clips < 0 or num_images < 0 or num_clips + num_images == 0:
         raise ValueError(
             f"need a positive total of clips and images, got {num_clips} and {num_images}"
@@ -70,9 +142,10 @@ def shards_from_world(
     jobs = _interleave(
         [("clip", i) for i in range(num_clips)], [("image", i) for i in range(num_images)]
     )
-    bar = tqdm(jobs, desc="world", unit="sample", disable=not progress)
-    samples = (_world_sample(kind, index, seed, lengths) for kind, index in bar)
-    return _write(samples, out_dir, Counter(), "world", max_count, max_size, overwrite)
+    request = {"world_clips": num_clips, "world_images": num_images, "seed": seed}
+    request["clip_lengths"] = list(lengths)
+    work = functools.partial(_world_job, seed=seed, lengths=lengths)
+    return _ingest(jobs, work, output, "world", request)
 
 
 def _interleave(clips: list, images: list) -> list:
@@ -80,6 +153,11 @@ def _interleave(clips: list, images: list) -> list:
     keyed = [((i + 0.5) / len(clips), 0, job) for i, job in enumerate(clips)]
     keyed += [((i + 0.5) / len(images), 1, job) for i, job in enumerate(images)]
     return [job for _, _, job in sorted(keyed, key=lambda item: item[:2])]
+
+
+def _world_job(job: tuple[str, int], *, seed: int, lengths: Sequence[int]) -> Outcome:
+    kind, index = job
+    return Outcome(_world_sample(kind, index, seed, lengths))
 
 
 def _world_sample(kind: str, index: int, seed: int, lengths: Sequence[int]) -> dict:
@@ -116,20 +194,14 @@ def make_meta(info: MediaInfo, caption: str, captions: dict | None = None, **ext
 
 
 def shards_from_folder(
-    in_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    max_count: int = 1000,
-    max_size: float = 1e9,
-    full_decode: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
+    in_dir: str | Path, out_dir: str | Path, *, full_decode: bool = True, **options: object
 ) -> dict:
     """Shard every video/image under `in_dir` (recursively) that has a same-stem `.txt` caption.
 
     Media bytes are stored untouched. Files without a usable caption or that fail to probe and
-    decode are skipped and counted by reason in the summary.
+    decode are skipped and counted by reason in the summary. `options`: fields of `Output`.
     """
+    output = _output(out_dir, options)
     root = Path(in_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder {root} does not exist")
@@ -137,94 +209,105 @@ def shards_from_folder(
     files = sorted(
         p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in exts
     )
-    skipped: Counter = Counter()
     keys: set[str] = set()
+    jobs = [(path, rel, _unique_key(rel, keys)) for path, rel in _relative(files, root)]
+    request = {"input": str(root.resolve()), "full_decode": full_decode}
+    request["inputs_digest"] = _files_digest([path for path, _, _ in jobs], root)
+    work = functools.partial(_folder_job, full_decode=full_decode)
+    return _ingest(jobs, work, output, f"folder:{root}", request)
 
-    def samples() -> Iterator[dict]:
-        for path in tqdm(files, desc="files", unit="file", disable=not progress):
-            caption = _read_caption(path.with_suffix(".txt"), skipped)
-            if caption is not None:
-                rel = path.relative_to(root).as_posix()
-                sample = _media_sample(path, rel, caption, None, keys, skipped, full_decode)
-                if sample is not None:
-                    yield sample
 
-    return _write(samples(), out_dir, skipped, f"folder:{root}", max_count, max_size, overwrite)
+def _relative(files: list[Path], root: Path) -> Iterator[tuple[Path, str]]:
+    for path in files:
+        yield path, path.relative_to(root).as_posix()
+
+
+def _files_digest(files: Iterable[Path], root: Path) -> str:
+    """Cheap fingerprint of the inputs (names, sizes, mtimes) so a re-run knows they are the same."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(
+            f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+        )
+        caption = path.with_suffix(".txt")
+        if caption.is_file():
+            digest.update(caption.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _folder_job(job: tuple[Path, str, str], *, full_decode: bool) -> Outcome:
+    path, rel, key = job
+    caption, reason = _read_caption(path.with_suffix(".txt"))
+    if caption is None:
+        return Outcome(None, reason, str(path.with_suffix(".txt")))
+    return _media_sample(path, rel, key, caption, None, full_decode)
 
 
 def shards_from_manifest(
-    manifest: str | Path,
-    out_dir: str | Path,
-    *,
-    max_count: int = 1000,
-    max_size: float = 1e9,
-    full_decode: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
+    manifest: str | Path, out_dir: str | Path, *, full_decode: bool = True, **options: object
 ) -> dict:
     """Shard the rows of a CSV or JSONL manifest: `path`, `caption`, optional `captions` (a dict).
 
     Relative paths are resolved against the manifest's folder. Bad rows and bad files are
-    skipped and counted by reason.
+    skipped and counted by reason. `options`: fields of `Output`.
     """
+    output = _output(out_dir, options)
     manifest = Path(manifest)
     rows = list(_read_manifest(manifest))
-    skipped: Counter = Counter()
     keys: set[str] = set()
-
-    def samples() -> Iterator[dict]:
-        for row in tqdm(rows, desc="manifest", unit="row", disable=not progress):
-            parsed = _parse_row(row, manifest.parent, skipped)
-            if parsed is not None:
-                path, caption, captions = parsed
-                sample = _media_sample(
-                    path, str(row["path"]), caption, captions, keys, skipped, full_decode
-                )
-                if sample is not None:
-                    yield sample
-
-    return _write(
-        samples(), out_dir, skipped, f"manifest:{manifest}", max_count, max_size, overwrite
-    )
+    jobs = [(row, manifest.parent, _row_key(row, keys)) for row in rows]
+    request = {"manifest": str(manifest.resolve()), "full_decode": full_decode}
+    request["inputs_digest"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    work = functools.partial(_manifest_job, full_decode=full_decode)
+    return _ingest(jobs, work, output, f"manifest:{manifest}", request)
 
 
-def _read_caption(path: Path, skipped: Counter) -> str | None:
-    """A sidecar caption, or None after counting why it is unusable."""
+def _row_key(row: dict | None, keys: set[str]) -> str | None:
+    """A row's sample key, reserved before any row is processed (so array parts agree on keys)."""
+    return _unique_key(str(row["path"]), keys) if row and row.get("path") else None
+
+
+def _manifest_job(job: tuple[dict | None, Path, str | None], *, full_decode: bool) -> Outcome:
+    row, base, key = job
+    parsed = _parse_row(row, base)
+    if isinstance(parsed, Outcome):
+        return parsed
+    path, caption, captions = parsed
+    return _media_sample(path, str(row["path"]), key, caption, captions, full_decode)
+
+
+def _read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(sidecar caption, None), or (None, reason) when it is unusable."""
     if not path.is_file():
-        return _skip(skipped, "missing_caption", path)
+        return None, "missing_caption"
     try:
         caption = path.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
-        return _skip(skipped, "invalid_utf8_caption", path)
-    return caption if caption else _skip(skipped, "empty_caption", path)
-
-
-def _skip(skipped: Counter, reason: str, what: object) -> None:
-    skipped[reason] += 1
-    log.warning("skipping %s: %s", what, reason)
-    return None
+        return None, "invalid_utf8_caption"
+    return (caption, None) if caption else (None, "empty_caption")
 
 
 def _media_sample(
     path: Path,
     rel: str,
+    key: str,
     caption: str,
     captions: dict | None,
-    keys: set[str],
-    skipped: Counter,
     full_decode: bool,
-) -> dict | None:
-    """Read, probe and test-decode one file; a shard sample with its bytes untouched, or None."""
+) -> Outcome:
+    """Read, probe and test-decode one file: a shard sample with its bytes untouched, or a skip."""
     ext = path.suffix.lower().lstrip(".")
     if ext not in VIDEO_EXTS + IMAGE_EXTS:
-        return _skip(skipped, "unsupported_extension", path)
+        return Outcome(None, "unsupported_extension", str(path))
     data = path.read_bytes()
     try:
         info = check_media(data) if full_decode else _quick_check(data)
     except MediaError as error:
-        return _skip(skipped, error.reason, f"{path} ({error})")
-    key = _unique_key(rel, keys)
-    return {"__key__": key, ext: data, "json": make_meta(info, caption, captions, source=rel)}
+        return Outcome(None, error.reason, f"{path} ({error})")
+    return Outcome(
+        {"__key__": key, ext: data, "json": make_meta(info, caption, captions, source=rel)}
+    )
 
 
 def _quick_check(data: bytes) -> MediaInfo:
@@ -262,41 +345,79 @@ def _read_manifest(manifest: Path) -> Iterator[dict | None]:
             yield row if isinstance(row, dict) else None
 
 
-def _parse_row(
-    row: dict | None, base: Path, skipped: Counter
-) -> tuple[Path, str, dict | None] | None:
-    """Validate one manifest row -> (file path, caption, captions) or None after counting why not."""
+def _parse_row(row: dict | None, base: Path) -> tuple[Path, str, dict | None] | Outcome:
+    """Validate one manifest row -> (file path, caption, captions), or the skip Outcome."""
     if row is None or not row.get("path"):
-        return _skip(skipped, "invalid_row", row)
+        return Outcome(None, "invalid_row", repr(row))
     captions = row.get("captions") or None
     if isinstance(captions, str):
         try:
             captions = json.loads(captions)
         except json.JSONDecodeError:
-            return _skip(skipped, "invalid_row", row)
+            return Outcome(None, "invalid_row", repr(row))
     if captions is not None and not isinstance(captions, dict):
-        return _skip(skipped, "invalid_row", row)
+        return Outcome(None, "invalid_row", repr(row))
     caption = str(row.get("caption") or (captions or {}).get("detailed") or "").strip()
     if not caption:
-        return _skip(skipped, "empty_caption", row["path"])
+        return Outcome(None, "empty_caption", str(row["path"]))
     path = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
     if not path.is_file():
-        return _skip(skipped, "missing_file", path)
+        return Outcome(None, "missing_file", str(path))
     return path, caption, captions
 
 
-def _write(
-    samples: Iterable[dict],
-    out_dir: str | Path,
-    skipped: Counter,
-    source: str,
-    max_count: int,
-    max_size: float,
-    overwrite: bool,
+def _ingest(
+    jobs: list, work: Callable[[object], Outcome], output: Output, source: str, request: dict
 ) -> dict:
-    """Write shards, then summary.json last (atomically) so its presence means "complete"."""
-    out = Path(out_dir)
-    _prepare_output(out, overwrite)
+    """Run `work` over this part's jobs (in a pool), write shards and the summary; idempotent.
+
+    A finished ingest of the same request (summary present, every shard there) is returned as is
+    unless `overwrite`; anything else already in the folder is refused unless `overwrite`.
+    """
+    request = {**request, "max_count": output.max_count, "max_size": output.max_size}
+    request.update(num_parts=output.num_parts, part=output.part if output.num_parts else None)
+    done = _finished(output, request)
+    if done is not None:
+        log.info("%s is up to date (same inputs and settings): nothing to do", output.out_dir)
+        return done
+    _prepare_output(output)
+    skipped: Counter = Counter()
+    samples = _good_samples(_run(jobs, work, output), skipped)
+    return _write(samples, output, skipped, source, request)
+
+
+def _run(jobs: list, work: Callable[[object], Outcome], output: Output) -> Iterator[Outcome]:
+    """Outcomes of this part's jobs in input order, computed by `output.workers` processes."""
+    mine = output.select(jobs)
+    bar = tqdm(total=len(mine), desc="ingest", unit="item", disable=not output.progress)
+    with bar:
+        if output.workers == 1:
+            for outcome in map(work, mine):
+                bar.update()
+                yield outcome
+            return
+        # spawn: workers start clean (no forked torch/FFmpeg state); imap keeps input order.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(output.workers) as pool:
+            for outcome in pool.imap(work, mine, chunksize=1):
+                bar.update()
+                yield outcome
+
+
+def _good_samples(outcomes: Iterable[Outcome], skipped: Counter) -> Iterator[dict]:
+    """Samples of the outcomes; skips are counted by reason and logged (in the main process)."""
+    for sample, reason, what in outcomes:
+        if sample is not None:
+            yield sample
+        else:
+            skipped[reason] += 1
+            log.warning("skipping %s: %s", what, reason)
+
+
+def _write(
+    samples: Iterable[dict], output: Output, skipped: Counter, source: str, request: dict
+) -> dict:
+    """Write shards, then the summary last (atomically) so its presence means "complete"."""
     written = Counter()
 
     def counted() -> Iterator[dict]:
@@ -304,31 +425,114 @@ def _write(
             written["n"] += 1
             yield sample
 
-    shards = write_shards(counted(), out, max_count=max_count, max_size=max_size)
+    shards = write_shards(
+        counted(),
+        output.out_dir,
+        max_count=output.max_count,
+        max_size=output.max_size,
+        prefix=output.shard_prefix,
+    )
     summary = {
         "written": written["n"],
         "skipped": dict(sorted(skipped.items())),
         "shards": [path.name for path in shards],
         "source": source,
+        "request": request,
     }
-    tmp = out / f".{SUMMARY_NAME}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / SUMMARY_NAME)
+    _write_json(output.out_dir / output.summary_name, summary)
     return summary
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _own_files(output: Output) -> list[Path]:
+    """Files an earlier ingest into this folder (or this part) left: they would mix with ours."""
+    out = output.out_dir
+    if output.num_parts is None:
+        old = sorted(out.glob("shard-*.tar")) + sorted(out.glob("summary.part-*.json"))
+    else:
+        old = sorted(out.glob(f"{output.shard_prefix}-*.tar"))
+    return old + ([out / output.summary_name] if (out / output.summary_name).exists() else [])
+
+
+def _finished(output: Output, request: dict) -> dict | None:
+    """The summary of a complete earlier ingest of exactly `request`, else None."""
+    path = output.out_dir / output.summary_name
+    if output.overwrite or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    complete = all((output.out_dir / name).is_file() for name in summary.get("shards", []))
+    return summary if summary.get("request") == request and complete else None
+
+
+def _prepare_output(output: Output) -> None:
     """Refuse to mix with an earlier ingest's shards unless told to replace them."""
-    old = sorted(out.glob("shard-*.tar")) + (
-        [out / SUMMARY_NAME] if (out / SUMMARY_NAME).exists() else []
-    )
-    if old and not overwrite:
+    old = _own_files(output)
+    if old and not output.overwrite:
         raise FileExistsError(
-            f"{out} already holds shards ({old[0].name}, ...); pass overwrite=True / --overwrite"
+            f"{output.out_dir} already holds files of another ingest ({old[0].name}, ...: other "
+            "inputs or settings, or an interrupted run); pass overwrite=True / --overwrite"
         )
     for path in old:
         path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    output.out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def merge_summaries(out_dir: str | Path) -> dict:
+    """Combine the `summary.part-*.json` of an array ingest into `summary.json` (written last).
+
+    Sums written and skipped (per reason) and lists every part's shards in part order. Refuses
+    when a part is missing or the parts come from different requests, naming the files.
+    """
+    out = Path(out_dir)
+    paths = sorted(out.glob("summary.part-*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no summary.part-*.json in {out}; run the --part tasks first")
+    parts = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    _check_parts(out, paths, parts)
+    skipped: Counter = Counter()
+    for part in parts:
+        skipped.update(part["skipped"])
+    request = {k: v for k, v in parts[0]["request"].items() if k != "part"}
+    summary = {
+        "written": sum(part["written"] for part in parts),
+        "skipped": dict(sorted(skipped.items())),
+        "shards": [name for part in parts for name in part["shards"]],
+        "source": parts[0]["source"],
+        "request": request,
+    }
+    _write_json(out / SUMMARY_NAME, summary)
+    return summary
+
+
+def _check_parts(out: Path, paths: list[Path], parts: list[dict]) -> None:
+    """Every part 0..P-1 present once, all of the same request, all shards on disk."""
+    requests = [part.get("request", {}) for part in parts]
+    num_parts = requests[0].get("num_parts")
+    found = sorted(request.get("part") for request in requests)
+    if num_parts is None or found != list(range(num_parts)):
+        missing = sorted(set(range(num_parts or 0)) - set(found))
+        raise FileNotFoundError(
+            f"{out}: expected parts 0..{(num_parts or 1) - 1}, found {found} in "
+            f"{[p.name for p in paths]}; missing parts {missing}: rerun those --part tasks"
+        )
+    strip = [{k: v for k, v in request.items() if k != "part"} for request in requests]
+    for path, request in zip(paths, strip, strict=True):
+        if request != strip[0]:
+            raise ValueError(
+                f"{path} was made with other inputs or settings than {paths[0].name}: "
+                f"{request} vs {strip[0]}; rerun the parts with one command line"
+            )
+    lost = [name for part in parts for name in part["shards"] if not (out / name).is_file()]
+    if lost:
+        raise FileNotFoundError(f"{out}: shards listed in part summaries are missing: {lost[:5]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--manifest", type=Path, help="CSV or JSONL manifest with path, caption[, captions]"
     )
+    source.add_argument(
+        "--merge-summaries",
+        action="store_true",
+        help="combine the summary.part-*.json of --output into summary.json (after an array)",
+    )
     parser.add_argument(
         "--world-images", type=int, default=0, help="world images to render alongside clips"
     )
@@ -362,15 +571,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace shards already in --output"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes probing/decoding inputs (same output)"
+    )
+    parser.add_argument(
+        "--num-parts", type=int, default=None, help="SLURM array: split inputs into this many parts"
+    )
+    parser.add_argument(
+        "--part", type=int, default=None, help="SLURM array: this task's part (inputs i % P == I)"
+    )
     return parser
+
+
+def _parts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """--num-parts/--part come together; --part defaults to $SLURM_ARRAY_TASK_ID."""
+    if args.num_parts is None:
+        if args.part is not None:
+            parser.error("--part needs --num-parts")
+        return {}
+    part = args.part
+    if part is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
+        part = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    if part is None or args.num_parts < 1 or not 0 <= part < args.num_parts:
+        parser.error(f"need --num-parts P >= 1 and 0 <= --part I < P, got {args.num_parts}, {part}")
+    return {"num_parts": args.num_parts, "part": part}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: build shards, print the summary; exit status 1 if nothing was written."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge_summaries:
+        summary = merge_summaries(args.output)
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["written"] > 0 else 1
     common = {"max_count": args.max_count, "max_size": args.max_size, "overwrite": args.overwrite}
-    common["progress"] = not args.no_progress
+    common.update(progress=not args.no_progress, workers=args.workers, **_parts(args, parser))
     if args.world_clips is not None:
         summary = shards_from_world(
             args.output,
@@ -386,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.manifest, args.output, full_decode=not args.quick, **common
         )
     print(json.dumps(summary, indent=2))
-    return 0 if summary["written"] > 0 else 1
+    return 0 if summary["written"] > 0 or args.num_parts else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 
 from sora_lightning.data import world
 from sora_lightning.data.decode import decode_image, decode_video
-from sora_lightning.data.ingest import shards_from_manifest, shards_from_world
+from sora_lightning.data.ingest import merge_summaries, shards_from_manifest, shards_from_world
 from sora_lightning.data.shards import BadSampleCounter, iter_shard_samples
 
 pytestmark = pytest.mark.e2e
@@ -177,5 +177,86 @@ def test_manifest_shards(tmp_path: Path) -> None:
     assert samples["carphone.mp4"].media == kept["carphone.mp4"]
     assert samples["carphone.mp4"].meta["captions"] == {"short": "man, phone"}
     assert samples["nested/cat.png"].meta["caption"] == "A cat from the detailed caption."
+    # Same inputs again: idempotent, nothing rewritten; other settings: refused without overwrite.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = shards_from_manifest(
+        tmp_path / "in" / "manifest.jsonl", tmp_path / "out", progress=False
+    )
+    assert again == summary
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == mtimes
     with pytest.raises(FileExistsError, match="overwrite"):
-        shards_from_manifest(tmp_path / "in" / "manifest.jsonl", tmp_path / "out", progress=False)
+        shards_from_manifest(
+            tmp_path / "in" / "manifest.jsonl", tmp_path / "out", progress=False, max_count=1
+        )
+
+
+def _shard_bytes(out: Path, summary: dict) -> list[bytes]:
+    return [(out / name).read_bytes() for name in summary["shards"]]
+
+
+def test_workers_give_byte_identical_shards_and_summary(tmp_path: Path) -> None:
+    _make_folder(tmp_path / "in")
+    one = _run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "w1"))
+    two = _run_cli(
+        "--input", str(tmp_path / "in"), "--output", str(tmp_path / "w2"), "--workers", "2"
+    )
+    assert two == one and one["written"] == 4
+    assert _shard_bytes(tmp_path / "w2", two) == _shard_bytes(tmp_path / "w1", one)
+    again = _run_cli(
+        "--input", str(tmp_path / "in"), "--output", str(tmp_path / "w2"), "--workers", "2"
+    )
+    assert again == one  # re-running is idempotent
+
+
+def _keys(out: Path, summary: dict) -> list[str]:
+    return sorted(s.key for s in _read_back(out, summary))
+
+
+def test_array_parts_then_merge_equal_one_run(tmp_path: Path) -> None:
+    world_args = ["--world-clips", "3", "--world-images", "4", "--seed", "1", "--max-count", "2"]
+    single = shards_from_world(
+        tmp_path / "single", num_clips=3, num_images=4, seed=1, max_count=2, progress=False
+    )
+    out = tmp_path / "parts"
+    parts = [
+        _run_cli(*world_args, "--output", str(out), "--num-parts", "2", "--part", str(part))
+        for part in (0, 1)
+    ]
+    assert [p["written"] for p in parts] == [4, 3]  # samples 0,2,4,6 and 1,3,5
+    assert parts[0]["shards"] == ["shard-000-000000.tar", "shard-000-000001.tar"]
+    assert parts[1]["shards"] == ["shard-001-000000.tar", "shard-001-000001.tar"]
+    assert (out / "summary.part-000.json").is_file() and not (out / "summary.json").exists()
+    merged = _run_cli("--merge-summaries", "--output", str(out))
+    assert json.loads((out / "summary.json").read_text()) == merged
+    assert (merged["written"], merged["skipped"]) == (single["written"], single["skipped"])
+    assert merged["shards"] == parts[0]["shards"] + parts[1]["shards"]
+    assert _keys(out, merged) == _keys(tmp_path / "single", single)
+
+
+def test_folder_parts_keep_keys_and_skip_counts(tmp_path: Path) -> None:
+    """Keys are reserved over all inputs before the split: parts agree with one run on both."""
+    _make_folder(tmp_path / "in")
+    (tmp_path / "in" / "carphone.png").write_bytes(
+        (tmp_path / "in" / "nested" / "cat.png").read_bytes()
+    )
+    (tmp_path / "in" / "carphone.txt").write_bytes(b"A man talks on a car phone.")
+    single = _run_cli("--input", str(tmp_path / "in"), "--output", str(tmp_path / "single"))
+    out = tmp_path / "parts"
+    for part in range(3):
+        _run_cli(
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(out),
+            "--num-parts",
+            "3",
+            "--part",
+            str(part),
+        )
+    merged = _run_cli("--merge-summaries", "--output", str(out))
+    assert (merged["written"], merged["skipped"]) == (single["written"], single["skipped"])
+    assert _keys(out, merged) == _keys(tmp_path / "single", single)
+    assert "carphone" in _keys(out, merged) and "carphone_1" in _keys(out, merged)
+    (out / "summary.part-001.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing parts \[1\]"):
+        merge_summaries(out)
