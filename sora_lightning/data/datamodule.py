@@ -175,10 +175,16 @@ class PackStepDataset(Dataset):
         _, _, height, width = self.samples[index].latent.shape
         return (frames // self.patch[0]) * (height // self.patch[1]) * (width // self.patch[2])
 
+    def data_rank(self, stage: Stage) -> tuple[int, int]:
+        """(rank, world) among data-parallel groups: a sequence-parallel group shares one batch."""
+        degree = stage.sequence_parallel
+        return self.rank // degree, max(1, self.world_size // degree)
+
     def pack_for(self, step: int) -> tuple[Stage, list[tuple[int, int]]]:
         """The (sample, frames) list this rank trains on at global `step`."""
         stage_index, in_stage = self.curriculum.stage_at(step)
-        global_pack = in_stage * self.world_size + self.rank
+        rank, world = self.data_rank(self.curriculum.stages[stage_index])
+        global_pack = in_stage * world + rank
         epoch = 0
         while global_pack >= len(plan := self._plan(stage_index, epoch)):
             global_pack -= len(plan)
@@ -187,7 +193,7 @@ class PackStepDataset(Dataset):
 
     def __getitem__(self, step: int) -> PackedBatch:
         stage, items = self.pack_for(step)
-        rng = step_rng(self.seed, step, self.rank, 3)
+        rng = step_rng(self.seed, step, self.data_rank(stage)[0], 3)
         latents, texts, cond = [], [], []
         for index, frames in items:
             sample = self.samples[index]
