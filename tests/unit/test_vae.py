@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sora_lightning.models.vae import DiagonalGaussian, VAEConfig, VideoVAE
+from sora_lightning.models.vae import (
+    DiagonalGaussian,
+    FrameConv3d,
+    VAEConfig,
+    VideoVAE,
+    conv3d_via_conv2d,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "vae"
 
@@ -203,3 +210,38 @@ def test_presets_factors(preset: str) -> None:
     if preset == "default":
         assert (config.latent_channels, config.base_channels) == (16, 128)
     assert config.latent_frames(9) == 3
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"),
+    [
+        ((3, 3, 3), (1, 1, 1), (0, 1, 1)),  # causal 3x3x3
+        ((3, 1, 1), (2, 1, 1), (0, 0, 0)),  # temporal downsample
+        ((1, 3, 3), (1, 2, 2), (0, 1, 1)),  # spatial downsample
+        ((1, 1, 1), (1, 1, 1), (0, 0, 0)),  # channel projection
+    ],
+)
+def test_conv3d_via_conv2d_is_conv3d(kernel, stride, padding) -> None:
+    """The CPU single-clip path computes F.conv3d's function, forward and backward (float64)."""
+    x = torch.randn(1, 5, 9, 12, 10, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, *kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    reference = F.conv3d(x, weight, bias, stride, padding)
+    ours = conv3d_via_conv2d(x, weight, bias, stride, padding)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    grads_ref = torch.autograd.grad(reference.square().sum(), [x, weight, bias])
+    grads_ours = torch.autograd.grad(ours.square().sum(), [x, weight, bias])
+    for ours_grad, ref_grad in zip(grads_ours, grads_ref, strict=True):
+        torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-10, atol=1e-9)
+
+
+def test_frame_conv3d_matches_native_for_one_and_many_clips() -> None:
+    """FrameConv3d keeps nn.Conv3d's parameters and function whichever path a batch takes."""
+    conv = FrameConv3d(3, 6, (3, 3, 3), padding=(0, 1, 1)).double()
+    assert set(conv.state_dict()) == {"weight", "bias"}
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, 7, 8, 8, dtype=torch.float64)
+        torch.testing.assert_close(conv(x), torch.nn.Conv3d.forward(conv, x))
+    with pytest.raises(ValueError, match="temporal padding 0"):
+        conv3d_via_conv2d(x, conv.weight, conv.bias, (1, 1, 1), (1, 1, 1))
