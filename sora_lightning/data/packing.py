@@ -89,8 +89,9 @@ def pack_samples(
 ) -> PackedBatch:
     """Latents [C, F, h, w] and text states [S_i, Dt] -> one PackedBatch of at most `capacity` tokens.
 
-    cond_frames[i] leading latent frames of sample i are clean conditioning (image-to-video,
-    extension): `cond` holds their tokens and `cond_mask` is 1 there.
+    cond_frames[i] latent frames of sample i are clean conditioning, counted like a Python slice:
+    k > 0 keeps the first k (image-to-video, extension forwards), k < 0 the last |k| (generating
+    what leads up to a given clip), 0 none. `cond` holds their tokens and `cond_mask` is 1 there.
     """
     if not latents or len(latents) != len(texts):
         raise ValueError(
@@ -124,17 +125,29 @@ def pack_samples(
 def _cond_mask(
     grids: list[tuple[int, int, int]], patch_size: PatchSize, cond_frames: Sequence[int]
 ) -> Tensor:
-    """[L] float mask: 1 on tokens of each sample's leading conditioning latent frames."""
+    """[L] float mask: 1 on tokens of each sample's leading (k > 0) or trailing (k < 0) frames."""
     masks = []
     for (gf, gh, gw), frames in zip(grids, cond_frames, strict=True):
-        if frames < 0 or frames % patch_size[0] or frames > gf * patch_size[0]:
+        count = abs(int(frames))
+        if count % patch_size[0] or count > gf * patch_size[0]:
             raise ValueError(
-                f"cond_frames={frames} must be in [0, {gf * patch_size[0]}] and a multiple of the "
-                f"temporal patch size {patch_size[0]}"
+                f"cond_frames={frames} must have |k| <= {gf * patch_size[0]} and be a multiple of "
+                f"the temporal patch size {patch_size[0]}"
             )
-        per_frame = torch.arange(gf).repeat_interleave(gh * gw)  # N: token frame index
-        masks.append((per_frame < frames // patch_size[0]).float())
+        masks.append(
+            frame_cond_mask(gf, count // patch_size[0], frames < 0).repeat_interleave(gh * gw)
+        )
     return torch.cat(masks)
+
+
+def frame_cond_mask(num_frames: int, num_cond: int, at_end: bool = False) -> Tensor:
+    """[num_frames] float: 1 on the first (or, at_end, the last) num_cond frames, else 0.
+
+    One definition for training masks and sampling masks, so both condition the same frames.
+    """
+    index = torch.arange(num_frames)
+    keep = index >= num_frames - num_cond if at_end else index < num_cond
+    return keep.float()
 
 
 def unpack_latents(tokens: Tensor, batch: PackedBatch, patch_size: PatchSize) -> list[Tensor]:
