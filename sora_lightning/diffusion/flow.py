@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from sora_lightning.models.patches import cu_to_sample_index
+
+if TYPE_CHECKING:
+    from sora_lightning.data.packing import PackedBatch
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 """velocity(x_t [L, P], t [B]) -> v [L, P]; CFG and packing live inside the closure."""
@@ -84,6 +90,44 @@ def flow_loss(
         weights = sample_weights[valid].float()
         return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
     return per_sample.mean()
+
+
+def packed_batch_loss(
+    model: Callable[..., Tensor],
+    batch: PackedBatch,
+    timesteps: Tensor,
+    noise: Tensor,
+    **model_kwargs: Any,
+) -> Tensor:
+    """Training loss of one packed batch: noise the tokens (conditioning tokens stay clean),
+    predict the velocity, per-sample MSE over the generated tokens only.
+
+    `model` is the DiT (or any callable with its signature); `model_kwargs` go to it as given,
+    e.g. `sequence=` for sequence parallelism, where every rank gets the full prediction back
+    and computes this same loss. Here rather than in the LightningModule so a test can run
+    exactly the training step's math without Lightning.
+    """
+    sample_index = cu_to_sample_index(batch.cu_seqlens)  # [L]
+    cond_mask = (
+        batch.cond_mask
+        if batch.cond_mask is not None
+        else torch.zeros_like(sample_index, dtype=batch.x.dtype)
+    )
+    x_t = add_noise(batch.x, noise, timesteps[sample_index])  # [L, P]
+    x_t = torch.where(cond_mask.bool().unsqueeze(-1), batch.x, x_t)  # clean conditioning frames
+    pred = model(
+        x_t,
+        batch.cu_seqlens,
+        batch.grid_sizes,
+        timesteps,
+        batch.text,
+        batch.text_cu_seqlens,
+        cond=batch.cond,
+        cond_mask=batch.cond_mask,
+        **model_kwargs,
+    )  # [L, P]
+    target = velocity_target(batch.x, noise)
+    return flow_loss(pred, target, sample_index, batch.num_samples, loss_mask=1.0 - cond_mask)
 
 
 def sampling_schedule(num_steps: int, shift: float = 1.0) -> Tensor:

@@ -11,12 +11,19 @@ zero-initialised: adaLN-Zero), blocks of modulated self-attention with QK-norm a
 cross-attention to the packed caption tokens, and a modulated MLP; a zero-initialised final
 layer makes an untrained model predict zero velocity. Every sample keeps to itself: attention
 is varlen over `cu_seqlens` and modulation is gathered per token by sample index.
+
+Sequence parallelism (long videos) is passed in, not built in: given a `SequenceSharding` (from
+`sora_lightning.parallel.sequence`), the packed tokens are padded to a multiple of the group size,
+each rank embeds, modulates and runs the MLPs of its contiguous token slice only, self-attention
+exchanges heads for tokens around the attention (Ulysses), cross-attention reads the full caption
+tokens locally, and the per-token outputs [L, P] are gathered at the end, so callers see the same
+result as on one rank. The model never imports a communication library.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -113,15 +120,44 @@ class DiTConfig:
         return 2 * self.patch_dim + 1 if self.use_conditioning else self.patch_dim
 
 
-class PackedLayout(NamedTuple):
-    """Per-batch bookkeeping every block needs: who owns which token, and RoPE angles."""
+class SequenceSharding(Protocol):
+    """What the DiT needs from a sequence-parallel group; `parallel.sequence.SequenceParallel`.
 
-    sample_index: Tensor  # [L] sample of each video token
-    cu_seqlens: Tensor  # [B+1]
-    text_cu_seqlens: Tensor  # [B+1]
+    Every rank of the group passes the same full packed batch; the DiT asks for its token slice,
+    attends through `attend` and hands its output slice to `gather`.
+    """
+
+    world_size: int
+    rank: int
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
+    ) -> Tensor:
+        """Local q, k, v [L/N, heads, hd] with global padded cu_seqlens -> [L/N, heads, hd]."""
+        ...
+
+    def gather(self, tokens: Tensor) -> Tensor:
+        """Local [L/N, ...] -> [L_padded, ...] on every rank; backward keeps the local slice."""
+        ...
+
+
+class PackedLayout(NamedTuple):
+    """Per-batch bookkeeping every block needs: who owns which token, and RoPE angles.
+
+    Without sequence parallelism L_local = L and both offset tensors are `cu_seqlens`. With it,
+    the self-attention offsets are global (padded to a multiple of the group, the padding its own
+    segment) while cross-attention runs on this rank's queries only (`query_cu_seqlens`).
+    """
+
+    sample_index: Tensor  # [L_local] sample of each local video token
+    cu_seqlens: Tensor  # [B+1] self-attention offsets ([B+2] with a padding segment)
+    text_cu_seqlens: Tensor  # [B+1] (or [B+2], the padding segment has no text)
     max_seqlen: int
     max_text_seqlen: int
-    rope_freqs: Tensor  # [L, 1, head_dim/2] complex rotations, built once per forward
+    rope_freqs: Tensor  # [L_local, 1, head_dim/2] complex rotations, built once per forward
+    query_cu_seqlens: Tensor  # cross-attention offsets of the local tokens, same length as text's
+    max_query_seqlen: int
+    sharding: SequenceSharding | None = None
 
 
 def _max_length(cu_seqlens: Tensor) -> int:
@@ -157,7 +193,10 @@ class SelfAttention(nn.Module):
         q = apply_rotary_freqs(self.q_norm(q), layout.rope_freqs)
         k = apply_rotary_freqs(self.k_norm(k), layout.rope_freqs)
         cu, max_len = layout.cu_seqlens, layout.max_seqlen
-        out = attention(q, k, v, cu, cu, max_len, max_len, backend=self.config.attn_backend)
+        if layout.sharding is not None:  # Ulysses: whole sequences for heads/N heads inside
+            out = layout.sharding.attend(q, k, v, cu, max_len)  # [L/N, heads, head_dim]
+        else:
+            out = attention(q, k, v, cu, cu, max_len, max_len, backend=self.config.attn_backend)
         return self.proj(out.flatten(1))
 
 
@@ -182,9 +221,9 @@ class CrossAttention(nn.Module):
             q,
             self.k_norm(k),
             v,
-            layout.cu_seqlens,
+            layout.query_cu_seqlens,
             layout.text_cu_seqlens,
-            layout.max_seqlen,
+            layout.max_query_seqlen,
             layout.max_text_seqlen,
             backend=self.config.attn_backend,
         )
@@ -305,16 +344,23 @@ class DiT(nn.Module):
         text_cu_seqlens: Tensor,
         cond: Tensor | None = None,
         cond_mask: Tensor | None = None,
+        sequence: SequenceSharding | None = None,
     ) -> Tensor:
-        """Packed noisy tokens x [L, P] -> predicted velocity [L, P] (contract in common docs)."""
-        layout = self._layout(x, cu_seqlens, grid_sizes, timesteps, text, text_cu_seqlens)
-        tokens = self.patch_embed(self._embed_inputs(x, cond, cond_mask))  # [L, D]
+        """Packed noisy tokens x [L, P] -> predicted velocity [L, P] (contract in common docs).
+
+        With `sequence` every rank of the group passes the same batch and gets the same [L, P]
+        back, having computed only its 1/N of the per-token activations.
+        """
+        layout = self._layout(x, cu_seqlens, grid_sizes, timesteps, text, text_cu_seqlens, sequence)
+        local = (local_tokens(t, sequence) for t in (x, cond, cond_mask))
+        tokens = self.patch_embed(self._embed_inputs(*local))  # [L_local, D]
         context = self.text_embed(text)  # [S, D]
         time_emb = self.time_embed(timesteps)  # [B, D]
         time_mod = self.time_modulation(time_emb).unflatten(1, (NUM_MODULATIONS, -1))  # [B, 6, D]
         for block in self.blocks:
-            tokens = self._run_block(block, tokens, context, time_mod, layout)  # [L, D]
-        return self.final_layer(tokens, time_emb, layout.sample_index)  # [L, P]
+            tokens = self._run_block(block, tokens, context, time_mod, layout)  # [L_local, D]
+        out = self.final_layer(tokens, time_emb, layout.sample_index)  # [L_local, P]
+        return out if sequence is None else sequence.gather(out)[: x.shape[0]]  # [L, P]
 
     def _run_block(
         self,
@@ -354,6 +400,7 @@ class DiT(nn.Module):
         timesteps: Tensor,
         text: Tensor,
         text_cu_seqlens: Tensor,
+        sequence: SequenceSharding | None = None,
     ) -> PackedLayout:
         """Check the packed inputs agree with each other and precompute per-batch bookkeeping."""
         num_samples = cu_seqlens.numel() - 1
@@ -377,11 +424,73 @@ class DiT(nn.Module):
                 f"x has {x.shape[0]} tokens, cu_seqlens ends at {int(cu_seqlens[-1])}, "
                 f"grid_sizes cover {rope_cos.shape[0]}"
             )
+        sample_index = cu_to_sample_index(cu_seqlens)  # [L]
+        rope_freqs = rotary_freqs(rope_cos, rope_sin).to(x.device)  # [L, 1, head_dim/2]
+        if sequence is not None:
+            return shard_layout(sample_index, cu_seqlens, text_cu_seqlens, rope_freqs, sequence)
+        max_seqlen = _max_length(cu_seqlens)
         return PackedLayout(
-            sample_index=cu_to_sample_index(cu_seqlens),
+            sample_index=sample_index,
             cu_seqlens=cu_seqlens,
             text_cu_seqlens=text_cu_seqlens,
-            max_seqlen=_max_length(cu_seqlens),
+            max_seqlen=max_seqlen,
             max_text_seqlen=_max_length(text_cu_seqlens),
-            rope_freqs=rotary_freqs(rope_cos, rope_sin).to(x.device),
+            rope_freqs=rope_freqs,
+            query_cu_seqlens=cu_seqlens,
+            max_query_seqlen=max_seqlen,
         )
+
+
+def _padding(num_tokens: int, world_size: int) -> int:
+    """Tokens appended so a packed batch splits evenly over a sequence-parallel group."""
+    return (-num_tokens) % world_size
+
+
+def local_tokens(tokens: Tensor | None, sequence: SequenceSharding | None) -> Tensor | None:
+    """This rank's contiguous slice of a packed [L, ...] tensor, zero-padded to a multiple of N.
+
+    Contiguous slices keep the all-to-all a plain concatenation in rank order.
+    """
+    if tokens is None or sequence is None:
+        return tokens
+    pad = _padding(tokens.shape[0], sequence.world_size)
+    if pad:
+        tokens = torch.cat([tokens, tokens.new_zeros(pad, *tokens.shape[1:])])
+    return tokens.chunk(sequence.world_size)[sequence.rank]
+
+
+def shard_layout(
+    sample_index: Tensor,
+    cu_seqlens: Tensor,
+    text_cu_seqlens: Tensor,
+    rope_freqs: Tensor,
+    sequence: SequenceSharding,
+) -> PackedLayout:
+    """The layout of one rank's token slice; global offsets for self-attention.
+
+    The padding (if any) is a segment of its own in self-attention, has zero text tokens (so its
+    cross-attention output is zero), rotates by angle 0 and borrows the last sample's modulation;
+    its outputs are dropped after the gather, so it never touches a real token.
+    """
+    total = int(cu_seqlens[-1])
+    pad = _padding(total, sequence.world_size)
+    if pad:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([total + pad])])
+        text_cu_seqlens = torch.cat([text_cu_seqlens, text_cu_seqlens[-1:]])
+        last = sample_index.new_full((pad,), cu_seqlens.numel() - 3)
+        sample_index = torch.cat([sample_index, last])
+        rope_freqs = torch.cat([rope_freqs, rope_freqs.new_ones(pad, *rope_freqs.shape[1:])])
+    per_rank = (total + pad) // sequence.world_size
+    start = sequence.rank * per_rank
+    query_cu = cu_seqlens.clamp(start, start + per_rank) - start  # local queries per sample
+    return PackedLayout(
+        sample_index=sample_index[start : start + per_rank],
+        cu_seqlens=cu_seqlens,
+        text_cu_seqlens=text_cu_seqlens,
+        max_seqlen=_max_length(cu_seqlens),
+        max_text_seqlen=_max_length(text_cu_seqlens),
+        rope_freqs=rope_freqs[start : start + per_rank].clone(),  # frees the full table
+        query_cu_seqlens=query_cu,
+        max_query_seqlen=_max_length(query_cu),
+        sharding=sequence,
+    )

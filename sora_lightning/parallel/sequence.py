@@ -4,15 +4,24 @@ A packed batch's video tokens [L, ...] are split along L over the ranks of a seq
 group, so every per-token activation (MLP, norms, projections) costs 1/N per rank. Attention needs
 all tokens of a sample, so before it an all-to-all trades the token split for a head split
 ([L/N, heads, hd] -> [L, heads/N, hd]), varlen attention runs on whole sequences for a subset of
-heads, and a second all-to-all trades back. DeepSpeed's `DistributedAttention` does the exchanges
-(with autograd); we feed it the packed layout as [tokens, batch=1, heads, head_dim].
+heads, and a second all-to-all trades back.
 
-Packed samples keep to themselves exactly as on one rank: the attention inside sees the global
-`cu_seqlens`. `pad_packed` appends a padding segment so L divides by N; the padding segment only
-attends to itself and its outputs are dropped.
+Why DeepSpeed's `DistributedAttention` fits packed varlen batches although it knows nothing of
+them: it only moves [seq, batch, heads, hd] tensors and passes every extra argument through to the
+local attention. We feed it the packed layout as [tokens, batch=1, heads, head_dim] and hand the
+global `cu_seqlens` through, so the varlen attention inside sees whole samples for its heads and
+packed samples keep to themselves exactly as on one rank. What it does not do is ours: padding
+L to a multiple of N (`pad_packed`: a padding segment that only attends to itself, outputs
+dropped), the per-rank RoPE and modulation slices (models/dit.py `shard_layout`), and the final
+gather of the per-token outputs (`SequenceParallel.gather`).
 
-Status: the layer is tested standalone (outputs and gradients equal the single-rank run); the DiT
-does not yet split its tokens over a sequence-parallel group.
+Gradients: every rank of a group computes the same loss from the gathered output, and the gather's
+backward keeps only the local slice, so each rank's parameter gradient is its tokens' share and the
+group's gradient is the *sum* over its ranks. Data-parallel strategies average over all W ranks,
+so the training step multiplies its loss by N (see `DiTModule.training_step`).
+
+`DiTModule` builds one `SequenceParallel` per degree used by the curriculum (groups of N
+consecutive ranks, which share one packed batch: the data-parallel rank is rank // N).
 """
 
 from __future__ import annotations
@@ -22,6 +31,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sora_lightning.models.layers import attention
+
+
+def check_sequence_parallel(degree: int, world_size: int, num_heads: int, where: str = "") -> None:
+    """ValueError naming the fix when a degree cannot split this world or these heads."""
+    if degree < 1:
+        raise ValueError(f"{where}sequence_parallel must be >= 1, got {degree}")
+    if world_size % degree != 0:
+        raise ValueError(
+            f"{where}sequence_parallel={degree} does not divide the world size {world_size} "
+            "(trainer.devices x trainer.num_nodes); use a divisor of it"
+        )
+    if num_heads % degree != 0:
+        raise ValueError(
+            f"{where}sequence_parallel={degree} does not divide the DiT's {num_heads} attention "
+            "heads (Ulysses splits heads over the group)"
+        )
 
 
 def pad_packed(cu_seqlens: Tensor, world_size: int) -> tuple[Tensor, int]:
@@ -106,3 +131,79 @@ class UlyssesAttention(nn.Module):
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1, None, cu_seqlens, max_seqlen
         )
         return out.squeeze(1)  # [L/N, heads, hd]
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather along dim 0; backward keeps this rank's slice (every rank has the same loss)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group: dist.ProcessGroup, rank: int, world: int) -> Tensor:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        ctx.rank, ctx.num = rank, local.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        start = ctx.rank * ctx.num
+        return grad[start : start + ctx.num].contiguous(), None, None, None
+
+
+def _ensure_deepspeed_comm() -> None:
+    """DistributedAttention talks through deepspeed.comm; wrap an existing torch group in it.
+
+    Under Lightning DDP/FSDP torch.distributed is up but DeepSpeed's backend is not. On CPU the
+    shm op is turned off first so it is not JIT-compiled (~45 s) for nothing.
+    """
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        return
+    if not torch.cuda.is_available():  # as strategies.disable_shm_comm, without importing Lightning
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+class SequenceParallel:
+    """One rank's view of a sequence-parallel group: what `DiT.forward(sequence=...)` needs."""
+
+    def __init__(self, group: dist.ProcessGroup, backend: str = "auto") -> None:
+        _ensure_deepspeed_comm()
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.attention = UlyssesAttention(group, backend)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
+    ) -> Tensor:
+        """Local q, k, v [L/N, heads, hd] with global padded cu_seqlens -> [L/N, heads, hd]."""
+        return self.attention(q, k, v, cu_seqlens, max_seqlen)
+
+    def gather(self, tokens: Tensor) -> Tensor:
+        """Local [L/N, ...] -> [L_padded, ...] on every rank of the group."""
+        return _GatherTokens.apply(tokens, self.group, self.rank, self.world_size)
+
+
+def build_sequence_groups(
+    degrees: list[int], world_size: int, rank: int, backend: str = "auto"
+) -> dict[int, SequenceParallel]:
+    """{degree: this rank's SequenceParallel} for every degree > 1, groups of consecutive ranks.
+
+    Consecutive ranks share a node on a cluster, where the all-to-all is fastest. Every rank must
+    call this with the same degrees: creating a process group is collective.
+    """
+    groups: dict[int, SequenceParallel] = {}
+    wanted = sorted({d for d in degrees if d > 1})
+    if wanted:
+        _ensure_deepspeed_comm()  # once, on every rank, before any group exists
+    for degree in wanted:
+        if world_size % degree:
+            raise ValueError(f"sequence_parallel={degree} does not divide world size {world_size}")
+        for start in range(0, world_size, degree):
+            group = dist.new_group(list(range(start, start + degree)))
+            if start <= rank < start + degree:
+                groups[degree] = SequenceParallel(group, backend)
+    return groups

@@ -1,7 +1,11 @@
 """LightningModule that trains the DiT with rectified flow on packed, curriculum-shaped batches.
 
-`training_step` stays short: noise and timesteps come from an RNG keyed by (seed, step, rank), so
-a resumed run draws exactly the noise of an uninterrupted one; the math lives in `diffusion/flow`.
+`training_step` stays short: noise and timesteps come from an RNG keyed by (seed, step, data rank),
+so a resumed run draws exactly the noise of an uninterrupted one; the math lives in `diffusion/flow`.
+
+Sequence parallelism follows the curriculum: a stage with `sequence_parallel=N` makes groups of N
+consecutive ranks share one packed batch (same data, same noise: both keyed by the data-parallel
+rank = rank // N) and split its tokens inside the DiT (`parallel/sequence.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from torch import Tensor
 
 from sora_lightning.data.packing import PackedBatch
 from sora_lightning.diffusion import flow
-from sora_lightning.models.dit import DiT, DiTConfig
-from sora_lightning.models.patches import cu_to_sample_index
+from sora_lightning.models.dit import DiT, DiTConfig, SequenceSharding
+from sora_lightning.parallel.sequence import build_sequence_groups, check_sequence_parallel
 from sora_lightning.parallel.strategies import parallelize_module
-from sora_lightning.train.curriculum import Curriculum
+from sora_lightning.train.curriculum import Curriculum, Stage
 
 
 @dataclass
@@ -33,7 +37,7 @@ class FlowConfig:
 
 
 def noise_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """A generator owned by one training step on one rank (resume needs no saved RNG state)."""
+    """A generator owned by one training step on one data rank (resume needs no saved RNG state)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
 
 
@@ -63,6 +67,29 @@ class DiTModule(L.LightningModule):
         self.flow_cfg = FlowConfig(**(flow_cfg or {}))
         self._step_skipped = False
         self._parallelized = False
+        self._sequence_groups: dict[int, SequenceSharding] = {}
+
+    def setup(self, stage: str) -> None:
+        """Check every stage's sequence-parallel degree against the world, then build its groups.
+
+        Here because the process group exists by now and group creation is collective.
+        """
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        degrees = [s.sequence_parallel for s in self.curriculum.stages]
+        for item in self.curriculum.stages:
+            check_sequence_parallel(
+                item.sequence_parallel,
+                world_size,
+                self.dit_config.num_heads,
+                where=f"curriculum stage {item.name!r}: ",
+            )
+        if not self._sequence_groups and max(degrees) > 1:
+            self._sequence_groups = build_sequence_groups(
+                degrees, world_size, self.global_rank, self.dit_config.attn_backend
+            )
+
+    def _stage(self) -> Stage:
+        return self.curriculum.stages[self.curriculum.stage_at(self.global_step)[0]]
 
     def configure_model(self) -> None:
         """Parallelism from outside the model: activation checkpointing, FSDP2 sharding (strategy config)."""
@@ -79,7 +106,7 @@ class DiTModule(L.LightningModule):
             std=self.flow_cfg.logit_std,
             generator=generator,
         )
-        stage = self.curriculum.stages[self.curriculum.stage_at(self.global_step)[0]]
+        stage = self._stage()
         if stage.shift is not None:
             return flow.shift_timesteps(t, stage.shift)
         if self.flow_cfg.resolution_shift:
@@ -87,43 +114,22 @@ class DiTModule(L.LightningModule):
         return t
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Tensor | None:
-        generator = noise_generator(self.hparams.seed, self.global_step, self.global_rank)
+        degree = self._stage().sequence_parallel
+        data_rank = self.global_rank // degree  # a sequence-parallel group draws one noise
+        generator = noise_generator(self.hparams.seed, self.global_step, data_rank)
         timesteps = self._timesteps(batch, generator).to(self.device)  # [B]
         noise = torch.randn(batch.x.shape, generator=generator).to(batch.x)  # [L, P]
-        sample_index = cu_to_sample_index(batch.cu_seqlens)  # [L]
-        cond_mask = (
-            batch.cond_mask
-            if batch.cond_mask is not None
-            else torch.zeros_like(sample_index, dtype=batch.x.dtype)
-        )
-        x_t = flow.add_noise(batch.x, noise, timesteps[sample_index])  # [L, P]
-        x_t = torch.where(cond_mask.bool().unsqueeze(-1), batch.x, x_t)  # clean conditioning frames
-        pred = self.dit(
-            x_t,
-            batch.cu_seqlens,
-            batch.grid_sizes,
-            timesteps,
-            batch.text,
-            batch.text_cu_seqlens,
-            cond=batch.cond,
-            cond_mask=batch.cond_mask,
-        )  # [L, P]
-        loss = flow.flow_loss(
-            pred,
-            flow.velocity_target(batch.x, noise),
-            sample_index,
-            batch.num_samples,
-            loss_mask=1.0 - cond_mask,
-        )
-        self._log_step(
-            loss, batch
-        )  # a skipped step logs its NaN: Lightning would repeat the last good value
+        sequence = self._sequence_groups.get(degree)
+        loss = flow.packed_batch_loss(self.dit, batch, timesteps, noise, sequence=sequence)
+        # a skipped step logs its NaN: Lightning would repeat the last good value
+        self._log_step(loss, batch, degree)
         if not self._all_finite(loss):
-            self._step_skipped = (
-                True  # counted, and acted on after K in a row, by train.guards.NonFiniteGuard
-            )
+            # counted, and acted on after K in a row, by train.guards.NonFiniteGuard
+            self._step_skipped = True
             return None  # skip backward, the optimizer update and the EMA update on every rank
-        return loss
+        # Each of the N ranks of a sequence group holds its tokens' share of the group gradient
+        # and the strategy averages over all ranks: x N makes that the mean over data groups.
+        return loss * degree
 
     def _all_finite(self, loss: Tensor) -> bool:
         """Decide together: one rank's NaN must skip the step everywhere, or DDP hangs."""
@@ -135,12 +141,13 @@ class DiTModule(L.LightningModule):
         )
         return bool(bad.item() == 0.0)
 
-    def _log_step(self, loss: Tensor, batch: PackedBatch) -> None:
+    def _log_step(self, loss: Tensor, batch: PackedBatch, degree: int = 1) -> None:
         stage_index, _ = self.curriculum.stage_at(self.global_step)
         name = self.curriculum.stages[stage_index].name
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.num_samples)
         self.log(f"train/loss_{name}", loss.detach(), batch_size=batch.num_samples)
         self.log("train/stage", float(stage_index), prog_bar=True)
+        self.log("train/sequence_parallel", float(degree))
         self.log("train/packing_efficiency", float(batch.efficiency))
         self.log("train/samples_per_batch", float(batch.num_samples))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
