@@ -202,8 +202,7 @@ class PackStepDataset(Dataset):
             ) / self.std  # causal prefix = shorter clip
             latents.append(latent.float())
             texts.append(self._caption(sample, rng))
-            use_cond = frames > 1 and rng.random() < stage.cond_probability
-            cond.append(int(rng.integers(1, frames)) if use_cond else 0)
+            cond.append(stage.draw_cond_frames(frames, rng))  # first / first k / last k
         return pack_samples(latents, texts, self.patch, stage.token_budget, cond_frames=cond)
 
     def _caption(self, sample: CachedSample, rng: np.random.Generator) -> Tensor:

@@ -10,6 +10,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+COND_MODES = ("first_frame", "first_frames", "last_frames")
+"""How a conditioned sample keeps frames clean: image-to-video, extension forwards, extension
+backwards (generating what leads up to a clip)."""
+
 
 @dataclass
 class Stage:
@@ -34,9 +40,16 @@ class Stage:
     shift: float | None = None
     """Timestep shift; None derives it from each sample's token count (SD3 resolution shift)."""
     sequence_parallel: int = 1
-    """Ranks that share one sequence (Ulysses all-to-all); 1 disables it."""
+    """Ranks that share one packed sequence (Ulysses all-to-all over heads); 1 disables it. Groups
+    of this many consecutive ranks train on the same batch, so the world size must divide by it
+    (and the DiT's heads too); data parallelism runs across the world_size / N groups."""
     cond_probability: float = 0.0
-    """Chance that a video sample keeps leading (or trailing) latent frames clean as conditioning."""
+    """Chance that a video sample keeps some latent frames clean as conditioning (no loss there)."""
+    cond_modes: dict[str, float] = field(
+        default_factory=lambda: {"first_frame": 1.0, "first_frames": 1.0, "last_frames": 1.0}
+    )
+    """Relative weights of the conditioning modes (COND_MODES) when a sample is conditioned:
+    the first latent frame, the first k, or the last k (k uniform in 1..F-1)."""
 
     def __post_init__(self) -> None:
         self.frames = tuple(int(f) for f in self.frames)  # type: ignore[assignment]
@@ -59,6 +72,34 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: token_budget, lr and max_area must be positive")
         if self.sequence_parallel < 1:
             raise ValueError(f"stage {self.name!r}: sequence_parallel must be >= 1")
+        self._check_cond_modes()
+
+    def _check_cond_modes(self) -> None:
+        self.cond_modes = {str(k): float(v) for k, v in dict(self.cond_modes).items()}
+        unknown = sorted(set(self.cond_modes) - set(COND_MODES))
+        if unknown:
+            raise ValueError(f"stage {self.name!r}: cond_modes {unknown} not in {COND_MODES}")
+        weights = list(self.cond_modes.values())
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"stage {self.name!r}: cond_modes weights must be >= 0 with a positive sum, "
+                f"got {self.cond_modes}"
+            )
+
+    def draw_cond_frames(self, num_frames: int, rng: np.random.Generator) -> int:
+        """Conditioning latent frames of one sample: k > 0 the first k, k < 0 the last |k|, 0 none.
+
+        Draws nothing for single frames (an image has nothing to generate around a given frame).
+        """
+        if num_frames < 2 or not rng.random() < self.cond_probability:
+            return 0
+        modes = list(self.cond_modes)
+        weights = np.array([self.cond_modes[m] for m in modes], dtype=np.float64)
+        mode = modes[int(rng.choice(len(modes), p=weights / weights.sum()))]
+        if mode == "first_frame":
+            return 1
+        count = int(rng.integers(1, num_frames))
+        return -count if mode == "last_frames" else count
 
     @property
     def is_image_stage(self) -> bool:

@@ -1,10 +1,11 @@
-"""Curriculum stage lookup, LR schedule and validation."""
+"""Curriculum stage lookup, LR schedule, validation and conditioning-frame draws."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from sora_lightning.train.curriculum import Curriculum, Stage
+from sora_lightning.train.curriculum import COND_MODES, Curriculum, Stage
 
 
 def make() -> Curriculum:
@@ -38,3 +39,37 @@ def test_bad_stage_rejected(kwargs) -> None:
 def test_duplicate_names_rejected() -> None:
     with pytest.raises(ValueError, match="unique"):
         Curriculum(stages=[Stage("a", 1), Stage("a", 1)])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(sequence_parallel=0),
+        dict(cond_modes={"middle_frames": 1.0}),
+        dict(cond_modes={"first_frame": -1.0}),
+        dict(cond_modes={"first_frame": 0.0}),
+    ],
+)
+def test_bad_parallel_and_cond_settings_rejected(kwargs) -> None:
+    with pytest.raises(ValueError, match="sequence_parallel|cond_modes"):
+        Stage(name="x", steps=1, **kwargs)
+
+
+def test_cond_frames_drawn_per_mode() -> None:
+    rng = np.random.default_rng(0)
+    draws = {
+        mode: [
+            Stage("x", 1, cond_probability=1.0, cond_modes={mode: 1.0}).draw_cond_frames(5, rng)
+            for _ in range(200)
+        ]
+        for mode in COND_MODES
+    }
+    assert set(draws["first_frame"]) == {1}
+    assert set(draws["first_frames"]) == {1, 2, 3, 4}
+    assert set(draws["last_frames"]) == {-1, -2, -3, -4}
+    default = Stage("x", 1, cond_probability=1.0)  # all three modes by default
+    mixed = [default.draw_cond_frames(5, rng) for _ in range(300)]
+    assert min(mixed) < 0 < max(mixed) and mixed.count(1) > mixed.count(2)
+    never = Stage("x", 1, cond_probability=0.0)
+    assert {never.draw_cond_frames(5, rng) for _ in range(50)} == {0}
+    assert default.draw_cond_frames(1, rng) == 0  # an image has nothing to generate around

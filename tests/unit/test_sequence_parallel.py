@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sora_lightning.data.datamodule import PackStepDataset
+from sora_lightning.data.latent_cache import CachedSample
 from sora_lightning.models.layers import attention
-from sora_lightning.parallel.sequence import pad_packed, shard_tokens
+from sora_lightning.parallel.sequence import check_sequence_parallel, pad_packed, shard_tokens
+from sora_lightning.train.curriculum import Curriculum, Stage
 
 WORLD_SIZE = 2
 HEADS, HEAD_DIM = 4, 8
@@ -99,3 +102,57 @@ def test_pad_packed_makes_tokens_divisible_with_a_separate_segment() -> None:
     assert none == 0 and same.tolist() == [0, 8]
     with pytest.raises(ValueError, match="pad_packed"):
         shard_tokens(torch.zeros(13, 2), 4, 0)
+
+
+def _pack_dataset(rank: int, world_size: int) -> PackStepDataset:
+    generator = torch.Generator().manual_seed(0)
+    samples = [
+        CachedSample(
+            f"s{i}", torch.randn(4, 3, 4, 4, generator=generator), {"short": torch.ones(2, 8)}
+        )
+        for i in range(8)
+    ]
+    curriculum = Curriculum(
+        stages=[
+            Stage("dp", 2, frames=(5, 9), token_budget=48, cond_probability=0.5),
+            Stage(
+                "sp", 2, frames=(5, 9), token_budget=48, cond_probability=0.5, sequence_parallel=2
+            ),
+        ]
+    )
+    return PackStepDataset(
+        samples,
+        torch.zeros(1, 8),
+        torch.zeros(4),
+        torch.ones(4),
+        curriculum,
+        patch_size=(1, 2, 2),
+        spatial_factor=4,
+        temporal_factor=4,
+        seed=0,
+        caption_probs={"short": 1.0},
+        text_dropout=0.0,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def test_ranks_of_a_sequence_group_get_the_same_batch() -> None:
+    ranks = [_pack_dataset(rank, 4) for rank in range(4)]
+    for step in (0, 1):  # sequence_parallel=1: four different packs
+        packs = [tuple(data.pack_for(step)[1]) for data in ranks]
+        assert len(set(packs)) == 4
+    for step in (2, 3):  # sequence_parallel=2: ranks {0,1} and {2,3} share, the groups differ
+        batches = [data[step] for data in ranks]
+        for a, b in ((0, 1), (2, 3)):
+            assert torch.equal(batches[a].x, batches[b].x)
+            assert torch.equal(batches[a].cond_mask, batches[b].cond_mask)
+        assert ranks[0].pack_for(step)[1] != ranks[2].pack_for(step)[1]
+
+
+def test_config_errors_name_the_stage_and_the_fix() -> None:
+    check_sequence_parallel(2, 4, 8)
+    with pytest.raises(ValueError, match="stage 'long'.*does not divide the world size 3"):
+        check_sequence_parallel(2, 3, 8, where="stage 'long': ")
+    with pytest.raises(ValueError, match="4 attention heads"):
+        check_sequence_parallel(8, 8, 4)
