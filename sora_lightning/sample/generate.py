@@ -1,7 +1,21 @@
 """Generation: prompt -> (expanded prompt) -> text states -> latents by the sampler with CFG -> frames.
 
-One `VideoGenerator` serves text-to-video, image-to-video (first frame given) and video extension
-(leading frames given): given frames are VAE-encoded and held clean as conditioning tokens.
+One `VideoGenerator` serves text-to-video, image-to-video (first frame given) and video extension:
+given frames are VAE-encoded and held clean as conditioning tokens, at the start of the new video
+(`cond_position="start"`: extend a clip forwards) or at its end (`"end"`: generate what leads up
+to a clip). Training conditions the same ways (`Stage.cond_modes`).
+
+Which pixel frames the conditioned latent frames hold (causal VAE with temporal factor 4: latent
+frame 0 encodes pixel frame 0 alone, latent j >= 1 encodes pixel frames 4j-3 .. 4j):
+- start: a clip of 1 + 4k frames gives latents 0..k; the first min(k+1, F-1) are kept, so the new
+  video's first 1 + 4(n-1) pixel frames are the clip's first ones (n conditioned latent frames);
+  an image is latent 0, the first pixel frame.
+- end: the clip is cut to its last 1 + 4k frames and encoded; its latent 0 (one frame, encoded
+  without context) is dropped, and its last n = min(k, F-1) latents 1..k become the new video's
+  last n latent frames, i.e. its last 4n pixel frames are the clip's last 4n. An image (or a clip
+  shorter than 5 frames) is held still for 5 frames first, so it fills the last 4 pixel frames.
+  The clip's latents see only the clip as causal context, while training latents of trailing
+  frames saw the whole video before them: a small mismatch that leading frames do not have.
 Shape legend: T frames, H, W pixels, C latent channels, F latent frames, N tokens, P patch values.
 """
 
@@ -18,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sora_lightning.data.clips import to_model_range, to_uint8
+from sora_lightning.data.clips import to_model_range, to_uint8, valid_length
+from sora_lightning.data.packing import frame_cond_mask
 from sora_lightning.data.world import expand_prompt
 from sora_lightning.diffusion import flow
 from sora_lightning.models.dit import DiT, DiTConfig
@@ -28,6 +43,7 @@ from sora_lightning.models.vae import VideoVAE
 from sora_lightning.train.weights import load_dit, load_vae, torch_load_safe
 
 GENERATOR_NAME = "sora_lightning"
+COND_POSITIONS = ("start", "end")
 
 
 @dataclass
@@ -44,8 +60,14 @@ class SampleOptions:
     """Fixed sampling shift; None derives it from the token count like training."""
     seed: int = 0
     fps: int = 8
+    cond_position: str = "start"
+    """Where given frames go: "start" (image-to-video, extension) or "end" (lead-up to a clip)."""
 
     def __post_init__(self) -> None:
+        if self.cond_position not in COND_POSITIONS:
+            raise ValueError(
+                f"cond_position must be one of {COND_POSITIONS}, got {self.cond_position!r}"
+            )
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"frames must be 1 + 4k (1, 5, 9, 17, 33, ...), got {self.frames}")
         if self.sampler not in flow.SAMPLERS:
@@ -127,14 +149,28 @@ class VideoGenerator:
     def generate(
         self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None
     ) -> GeneratedVideo:
-        """Sample one video; `cond_frames` (an image or a clip's leading frames) is kept as given."""
+        """Sample one video; `cond_frames` (an image or a clip) is kept as given, at the start or
+        the end of the video (`options.cond_position`)."""
+        latent, expanded = self.generate_latents(prompt, options, cond_frames)
+        latent = latent * self.std + self.mean  # [C, F, h, w]
+        video = self.vae.decode(latent.unsqueeze(0))[0]  # [3, T, H, W]
+        return GeneratedVideo(
+            to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy()
+        )
+
+    @torch.no_grad()
+    def generate_latents(
+        self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None
+    ) -> tuple[Tensor, str]:
+        """Normalised latents [C, F, h, w] and the expanded prompt; conditioned latent frames
+        equal the encoded given frames exactly (re-imposed after every solver step)."""
         states, expanded = self.encode_prompt(prompt)
         null_states = self._null_text()
         shape = self.latent_shape(options)
         grid = token_grid(shape[1:], self.patch)
         generator = torch.Generator().manual_seed(options.seed)
         noise = patchify(torch.randn(shape, generator=generator), self.patch)  # [N, P]
-        clean, mask = self._conditioning(cond_frames, shape, noise)
+        clean, mask = self._conditioning(cond_frames, shape, options.cond_position)
         velocity = self._velocity_fn(grid, states, null_states, clean, mask, options.cfg_scale)
         num_tokens = noise.shape[0]
         shift = (
@@ -149,13 +185,7 @@ class VideoGenerator:
         tokens = flow.SAMPLERS[options.sampler](
             velocity, keep(noise) if keep else noise, schedule, 1, on_step=keep
         )
-        latent = (
-            unpatchify(tokens, grid, self.patch, shape[0]) * self.std + self.mean
-        )  # [C, F, h, w]
-        video = self.vae.decode(latent.unsqueeze(0))[0]  # [3, T, H, W]
-        return GeneratedVideo(
-            to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy()
-        )
+        return unpatchify(tokens, grid, self.patch, shape[0]), expanded  # [C, F, h, w]
 
     def _null_text(self) -> Tensor:
         """States of the empty caption (the unconditional branch of CFG), encoded once."""
@@ -164,24 +194,40 @@ class VideoGenerator:
             self._null_states = encoding.states[0][encoding.mask[0]].float()
         return self._null_states
 
+    def conditioning_latents(self, frames: np.ndarray, position: str = "start") -> Tensor:
+        """Normalised latents [C, Fc, h, w] that conditioning at `position` may use (module doc)."""
+        if frames.ndim == 3:
+            frames = frames[None]  # an image: [1, H, W, 3]
+        if position == "start":
+            return self.encode_frames(frames)
+        temporal = self.vae.config.temporal_factor
+        if len(frames) < 1 + temporal:  # hold the first frame so one full latent frame exists
+            still = np.repeat(frames[:1], 1 + temporal - len(frames), axis=0)
+            frames = np.concatenate([still, frames])
+        frames = frames[len(frames) - valid_length(len(frames), temporal) :]
+        return self.encode_frames(frames)[:, 1:]  # latent 0 saw one frame without context
+
     def _conditioning(
-        self, frames: np.ndarray | None, shape: tuple[int, ...], noise: Tensor
+        self, frames: np.ndarray | None, shape: tuple[int, ...], position: str = "start"
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Clean latent tokens and their mask for the given leading frames (None for text-to-video)."""
+        """Clean latent tokens and their mask for the given frames (None for text-to-video)."""
         if frames is None:
             return None, None
-        if frames.ndim == 3:
-            frames = frames[None]
-        latent = self.encode_frames(frames)
+        latent = self.conditioning_latents(frames, position)
         if latent.shape[2:] != shape[2:]:
             raise ValueError(
-                f"conditioning frames are {frames.shape[2]}x{frames.shape[1]}; they must match the requested size"
+                f"conditioning frames are {frames.shape[-2]}x{frames.shape[-3]}; they must match "
+                "the requested size"
             )
-        num_cond = min(latent.shape[1], shape[1] - 1)
+        num_frames = shape[1]
+        num_cond = min(latent.shape[1], num_frames - 1)  # at least one frame is generated
+        at_end = position == "end"
+        frame_mask = frame_cond_mask(num_frames, num_cond, at_end)  # [F], as in training
         full = torch.zeros(shape)
-        full[:, :num_cond] = latent[:, :num_cond]
-        frame_mask = torch.zeros(shape[1])
-        frame_mask[:num_cond] = 1.0
+        if at_end:
+            full[:, num_frames - num_cond :] = latent[:, latent.shape[1] - num_cond :]
+        else:
+            full[:, :num_cond] = latent[:, :num_cond]
         clean = patchify(full, self.patch)  # [N, P]
         mask = patchify(
             frame_mask.view(1, -1, 1, 1).expand(1, *shape[1:]).contiguous(), self.patch

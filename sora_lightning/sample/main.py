@@ -1,4 +1,8 @@
-"""`sora-sample`: text-to-video, image-to-video (image=...) and video extension (video=...) to mp4."""
+"""`sora-sample`: text-to-video, image-to-video (image=...) and video extension (video=...) to mp4.
+
+`cond_position=end` puts the given frames at the end instead: `video=clip.mp4 cond_position=end`
+generates what leads up to the clip (pixel-frame mapping in `sample/generate.py`).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ def options_from(cfg: DictConfig, seed: int) -> SampleOptions:
         shift=cfg.shift,
         seed=seed,
         fps=cfg.fps,
+        cond_position=cfg.get("cond_position", "start"),
     )
 
 
