@@ -34,7 +34,8 @@ class Stage:
     fps: float | None = None
     """Target frame rate for clip selection; None keeps the native rate."""
     token_budget: int = 1024
-    """Video tokens per packed sequence (per rank and step)."""
+    """Video tokens per packed sequence (per step and data-parallel group: the N ranks of a
+    sequence-parallel group share one sequence and each holds budget / N of it)."""
     lr: float = 1e-4
     """Peak learning rate of the stage."""
     shift: float | None = None
