@@ -9,8 +9,11 @@ wastes a whole run.
 
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +34,8 @@ from sora_lightning.utils import combined_hash, state_dict_hash, write_json_atom
 log = logging.getLogger(__name__)
 META_NAME = "meta.json"
 NULL_TEXT_NAME = "null_text.safetensors"
+PART_META = "meta.part-{part:03d}.json"
+"""What one array task (`--num-parts/--part`) records for `merge_cache_parts`."""
 
 
 @dataclass
@@ -105,6 +110,116 @@ def _encode_sample(
     return record, latent
 
 
+def _encode_shard(
+    index: int,
+    shard: str | Path,
+    out: Path,
+    models: tuple[VideoVAE, TextEncoder],
+    settings: CacheSettings,
+    stats: BadSampleCounter,
+    max_count: int,
+) -> dict:
+    """Cache one input shard into its own `latents-{index:06d}-*.tar` files; returns its partial.
+
+    One output series per input shard is what lets array tasks split the work by input shard and
+    a merge list the files in input order: a merged cache then reads like a single-process one.
+    """
+    vae, encoder = models
+    sums, sq_sums, count, written, sink = None, None, 0, 0, None
+    pattern = str(out / f"latents-{index:06d}-%06d.tar")
+    try:
+        for sample in iter_shard_samples([str(shard)], stats=stats):
+            try:
+                record, latent = _encode_sample(sample, vae, encoder, settings)
+            except (MediaError, KeyError, ValueError) as error:
+                reason = getattr(error, "reason", type(error).__name__)
+                stats.add_bad(reason, sample.shard, sample.key, str(error))
+                continue
+            sink = sink or wds.ShardWriter(pattern, maxcount=max_count, verbose=0)
+            sink.write(record)
+            flat = latent.double().flatten(1)
+            sums = flat.sum(1) if sums is None else sums + flat.sum(1)
+            sq_sums = flat.pow(2).sum(1) if sq_sums is None else sq_sums + flat.pow(2).sum(1)
+            count += flat.shape[1]
+            written += 1
+    finally:
+        if sink is not None:
+            sink.close()
+    files = sorted(p.name for p in out.glob(f"latents-{index:06d}-*.tar")) if written else []
+    return {
+        "index": index,
+        "input": Path(shard).name,
+        "files": files,
+        "written": written,
+        "count": count,
+        # float64 -> JSON -> float64 is exact, so a merge adds the very same numbers.
+        "sums": sums.tolist() if sums is not None else None,
+        "sq_sums": sq_sums.tolist() if sq_sums is not None else None,
+    }
+
+
+def _combine(partials: list[dict], skipped: dict[str, int], identity: dict) -> dict:
+    """meta.json from per-input-shard partials, added in input order (single process or merge)."""
+    partials = sorted(partials, key=lambda p: p["index"])
+    sums, sq_sums, count = None, None, 0
+    for partial in (p for p in partials if p["written"]):
+        part_sums = torch.tensor(partial["sums"], dtype=torch.float64)
+        part_sq = torch.tensor(partial["sq_sums"], dtype=torch.float64)
+        sums = part_sums if sums is None else sums + part_sums
+        sq_sums = part_sq if sq_sums is None else sq_sums + part_sq
+        count += partial["count"]
+    if sums is None:
+        raise RuntimeError(
+            f"no sample of {[p['input'] for p in partials]} could be cached; "
+            f"see the skipped counts {skipped}"
+        )
+    mean = sums / count
+    std = (sq_sums / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return {
+        **identity,
+        "latent_mean": mean.tolist(),
+        "latent_std": std.tolist(),
+        "num_samples": sum(p["written"] for p in partials),
+        "skipped": dict(sorted(skipped.items())),
+        "shards": [name for p in partials for name in p["files"]],
+    }
+
+
+def _identity(vae: VideoVAE, encoder: TextEncoder, settings: CacheSettings) -> dict:
+    """The fields of meta.json that name the weights and settings (the cache key among them)."""
+    vae_hash = state_dict_hash(vae.state_dict())
+    return {
+        "key": cache_key(vae_hash, encoder.weights_hash(), settings),
+        "vae_hash": vae_hash,
+        "text_hash": encoder.weights_hash(),
+        "settings": asdict(settings),
+    }
+
+
+def _write_null_text(out: Path, encoder: TextEncoder) -> None:
+    states = _text_states(encoder, [""])[0].contiguous()
+    safetensors.torch.save_file({"states": states}, str(out / NULL_TEXT_NAME))
+
+
+def _encode_shards(
+    indexed: list[tuple[int, str | Path]],
+    out: Path,
+    vae: VideoVAE,
+    encoder: TextEncoder,
+    settings: CacheSettings,
+    max_count: int,
+) -> tuple[list[dict], dict[str, int]]:
+    """Partials of the given (index, shard) pairs and the skip counts of their samples."""
+    out.mkdir(parents=True, exist_ok=True)
+    vae.eval()
+    stats = BadSampleCounter()
+    partials = [
+        _encode_shard(index, shard, out, (vae, encoder), settings, stats, max_count)
+        for index, shard in tqdm(indexed, desc="cache latents", unit="shard")
+    ]
+    return partials, dict(stats.counts)
+
+
 def write_cache(
     shards: Iterable[str | Path],
     out_dir: str | Path,
@@ -114,53 +229,96 @@ def write_cache(
     *,
     max_count: int = 2000,
 ) -> dict:
-    """Encode every readable sample of `shards` into a cache at `out_dir`; returns the summary."""
+    """Encode every readable sample of `shards` into a cache at `out_dir`; returns its meta."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vae.eval()
-    stats = BadSampleCounter()
-    sums, sq_sums, count, written = None, None, 0, 0
-    with wds.ShardWriter(str(out / "latents-%06d.tar"), maxcount=max_count, verbose=0) as sink:
-        for sample in tqdm(
-            iter_shard_samples([str(s) for s in shards], stats=stats),
-            desc="cache latents",
-            unit="clip",
-        ):
-            try:
-                record, latent = _encode_sample(sample, vae, encoder, settings)
-            except (MediaError, KeyError, ValueError) as error:
-                reason = getattr(error, "reason", type(error).__name__)
-                stats.add_bad(reason, sample.shard, sample.key, str(error))
-                continue
-            sink.write(record)
-            flat = latent.double().flatten(1)
-            sums = flat.sum(1) if sums is None else sums + flat.sum(1)
-            sq_sums = flat.pow(2).sum(1) if sq_sums is None else sq_sums + flat.pow(2).sum(1)
-            count += flat.shape[1]
-            written += 1
-    if written == 0:
-        raise RuntimeError(
-            f"no sample of {list(shards)} could be cached; see the skipped counts {stats.counts}"
-        )
-    mean = sums / count
-    std = (sq_sums / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    safetensors.torch.save_file(
-        {"states": _text_states(encoder, [""])[0].contiguous()}, str(out / NULL_TEXT_NAME)
+    shards = list(shards)
+    partials, skipped = _encode_shards(
+        list(enumerate(shards)), out, vae, encoder, settings, max_count
     )
-    vae_hash = state_dict_hash(vae.state_dict())
-    meta = {
-        "key": cache_key(vae_hash, encoder.weights_hash(), settings),
-        "vae_hash": vae_hash,
-        "text_hash": encoder.weights_hash(),
-        "settings": asdict(settings),
-        "latent_mean": mean.tolist(),
-        "latent_std": std.tolist(),
-        "num_samples": written,
-        "skipped": dict(stats.counts),
-        "shards": sorted(p.name for p in out.glob("latents-*.tar")),
-    }
+    meta = _combine(partials, skipped, _identity(vae, encoder, settings))
+    _write_null_text(out, encoder)
     write_json_atomic(out / META_NAME, meta)
     return meta
+
+
+def write_cache_part(
+    shards: Iterable[str | Path],
+    out_dir: str | Path,
+    vae: VideoVAE,
+    encoder: TextEncoder,
+    settings: CacheSettings,
+    *,
+    num_parts: int,
+    part: int,
+    max_count: int = 2000,
+) -> dict:
+    """One array task: cache the input shards i with i % num_parts == part; `merge_cache_parts`
+    then writes the meta.json that `write_cache` would have written for all of `shards`."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
+    out = Path(out_dir)
+    shards = list(shards)
+    mine = [(i, s) for i, s in enumerate(shards) if i % num_parts == part]
+    partials, skipped = _encode_shards(mine, out, vae, encoder, settings, max_count)
+    if part == 0:
+        _write_null_text(out, encoder)
+    record = {
+        "num_parts": num_parts,
+        "part": part,
+        "inputs": [Path(s).name for s in shards],
+        "identity": _identity(vae, encoder, settings),
+        "partials": partials,
+        "skipped": skipped,
+    }
+    write_json_atomic(out / PART_META.format(part=part), record)
+    return record
+
+
+def merge_cache_parts(out_dir: str | Path) -> dict:
+    """Combine the `meta.part-*.json` of an array run into meta.json (identical to one process's).
+
+    Refuses, naming the files, when a part is missing or parts disagree on inputs or weights.
+    """
+    out = Path(out_dir)
+    paths = sorted(out.glob("meta.part-*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no meta.part-*.json in {out}: run the --part tasks first")
+    records = [json.loads(p.read_text()) for p in paths]
+    _check_parts(out, paths, records)
+    skipped: dict[str, int] = {}
+    for record in records:
+        for reason, n in record["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    partials = [p for record in records for p in record["partials"]]
+    meta = _combine(partials, skipped, records[0]["identity"])
+    write_json_atomic(out / META_NAME, meta)
+    return meta
+
+
+def _check_parts(out: Path, paths: list[Path], records: list[dict]) -> None:
+    """All parts 0..P-1 present, made from the same inputs, weights and settings; files on disk."""
+    num_parts = records[0]["num_parts"]
+    found = sorted(r["part"] for r in records)
+    if found != list(range(num_parts)):
+        missing = sorted(set(range(num_parts)) - set(found))
+        raise FileNotFoundError(
+            f"{out}: expected cache parts 0..{num_parts - 1}, found {found} "
+            f"({[p.name for p in paths]}); rerun the --part tasks {missing}"
+        )
+    for path, record in zip(paths, records, strict=True):
+        same = ("num_parts", "inputs", "identity")
+        if any(record[k] != records[0][k] for k in same):
+            raise ValueError(
+                f"{path.name} and {paths[0].name} were made from other inputs, weights or "
+                f"settings; rerun every --part task with one command line"
+            )
+    lost = [
+        f for r in records for p in r["partials"] for f in p["files"] if not (out / f).is_file()
+    ]
+    if lost or not (out / NULL_TEXT_NAME).is_file():
+        raise FileNotFoundError(
+            f"{out}: files of the parts are missing: {lost[:5] or NULL_TEXT_NAME}"
+        )
 
 
 def read_cache_meta(cache_dir: str | Path, expected_key: str | None = None) -> dict:
@@ -213,19 +371,13 @@ def latent_stats(meta: dict) -> tuple[Tensor, Tensor]:
     return torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: encode shards into a latent + text cache (tools/cache_latents.py calls this)."""
-    import argparse
-    import glob
-
-    from sora_lightning.models.text import TextEncoderConfig
-    from sora_lightning.train.weights import load_vae
-
+def build_parser() -> argparse.ArgumentParser:
+    """CLI of `tools/cache_latents.py` (and of the pipeline's cache step and its array tasks)."""
     parser = argparse.ArgumentParser(
         description="Cache VAE latents and text embeddings of webdataset shards"
     )
-    parser.add_argument("--shards", required=True, help="glob of input .tar shards")
-    parser.add_argument("--vae-dir", required=True, help="folder with vae.safetensors + vae.json")
+    parser.add_argument("--shards", help="glob of input .tar shards")
+    parser.add_argument("--vae-dir", help="folder with vae.safetensors + vae.json")
     parser.add_argument("--output", required=True)
     parser.add_argument(
         "--text-path", default=None, help="local Hugging Face encoder (default: MiniLM package)"
@@ -234,7 +386,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-area", type=int, default=CacheSettings.max_area)
     parser.add_argument("--multiple", type=int, default=CacheSettings.multiple)
     parser.add_argument("--max-frames", type=int, default=CacheSettings.max_frames)
+    parser.add_argument(
+        "--num-parts", type=int, default=None, help="SLURM array: split input shards into P parts"
+    )
+    parser.add_argument(
+        "--part",
+        type=int,
+        default=None,
+        help="SLURM array: this task's part, input shards i % P == I (default $SLURM_ARRAY_TASK_ID)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="combine the meta.part-*.json of --output into meta.json (after the array)",
+    )
+    return parser
+
+
+def _part(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
+    """This task's part: --part, else the SLURM array index; None without --num-parts."""
+    if args.num_parts is None:
+        if args.part is not None:
+            parser.error("--part needs --num-parts")
+        return None
+    part = args.part
+    if part is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
+        part = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    if part is None or not 0 <= part < args.num_parts:
+        parser.error(f"need --num-parts P >= 1 and 0 <= --part I < P, got {args.num_parts}, {part}")
+    return part
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: encode shards into a latent + text cache, one array part of it, or merge the parts."""
+    from sora_lightning.models.text import TextEncoderConfig
+    from sora_lightning.train.weights import load_vae
+
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        meta = merge_cache_parts(args.output)
+        print(f"merged {meta['num_samples']} cached samples in {args.output}, key {meta['key']}")
+        return
+    if not args.shards or not args.vae_dir:
+        parser.error("--shards and --vae-dir are required (unless --merge)")
+    part = _part(args, parser)
     shards = sorted(glob.glob(args.shards))
     if not shards:
         raise SystemExit(
@@ -242,7 +438,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     settings = CacheSettings(args.max_area, args.multiple, args.max_frames)
     encoder = TextEncoder(TextEncoderConfig(path=args.text_path, max_length=args.text_max_length))
-    meta = write_cache(shards, args.output, load_vae(args.vae_dir), encoder, settings)
+    vae = load_vae(args.vae_dir)
+    if part is not None:
+        record = write_cache_part(
+            shards, args.output, vae, encoder, settings, num_parts=args.num_parts, part=part
+        )
+        written = sum(p["written"] for p in record["partials"])
+        print(f"cached part {part}/{args.num_parts}: {written} samples into {args.output}")
+        return
+    meta = write_cache(shards, args.output, vae, encoder, settings)
     print(
         f"cached {meta['num_samples']} samples (skipped {meta['skipped']}) into {args.output}, key {meta['key']}"
     )
