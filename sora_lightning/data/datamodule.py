@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import lightning as L
@@ -25,9 +26,11 @@ from sora_lightning.data.clips import (
     to_model_range,
     valid_length,
 )
+from sora_lightning.data.decode import MediaError, decode_video
 from sora_lightning.data.latent_cache import CachedSample, load_cache
 from sora_lightning.data.packing import PackedBatch, pack_samples, plan_packs
-from sora_lightning.data.shards import RawSample, load_samples
+from sora_lightning.data.shards import BadSampleCounter, RawSample, load_samples
+from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
 from sora_lightning.train.curriculum import Curriculum, Stage
 
 log = logging.getLogger(__name__)
@@ -94,14 +97,61 @@ class VAEStepDataset(Dataset):
         frames = self._frames(index)
         num = valid_length(len(frames))
         idx = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
-        clip = frames[idx]
-        if (
-            len(idx) < length
-        ):  # short clip: repeat the last frame so every crop in the batch shares T
-            clip = np.concatenate([clip, np.repeat(clip[-1:], length - len(idx), axis=0)])
-        top = int(rng.integers(0, clip.shape[1] - self.crop + 1))
-        left = int(rng.integers(0, clip.shape[2] - self.crop + 1))
-        return to_model_range(clip[:, top : top + self.crop, left : left + self.crop])
+        return crop_window(frames[idx], length, self.crop, rng)
+
+
+def crop_window(clip: np.ndarray, length: int, crop: int, rng: np.random.Generator) -> Tensor:
+    """A random crop x crop window of a clip, padded to `length` frames, in model range."""
+    if len(clip) < length:  # short clip: repeat the last frame so every crop in the batch shares T
+        clip = np.concatenate([clip, np.repeat(clip[-1:], length - len(clip), axis=0)])
+    top = int(rng.integers(0, clip.shape[1] - crop + 1))
+    left = int(rng.integers(0, clip.shape[2] - crop + 1))
+    return to_model_range(clip[:, top : top + crop, left : left + crop])
+
+
+@dataclass(frozen=True)
+class VAECrops:
+    """Streaming VAE batches: decode only the frames a crop needs, then resize and crop.
+
+    Picklable (a frozen dataclass), so DataLoader workers run it. A sample that fails to decode
+    is logged with shard and key and replaced by another sample of the same batch, so the batch
+    keeps its size and the step stays on every rank.
+    """
+
+    crop: int
+    frame_choices: tuple[int, ...]
+    max_area: int
+    multiple: int
+    seed: int
+
+    def __call__(self, samples: list[RawSample], step: int, rank: int) -> Tensor:
+        rng = step_rng(self.seed, step, rank, 11)
+        length = int(rng.choice(self.frame_choices))
+        clips: list[np.ndarray | None] = [self._clip(sample, length, rng) for sample in samples]
+        good = [clip for clip in clips if clip is not None]
+        if not good:
+            raise RuntimeError(
+                f"no sample of step {step}'s batch decodes: {[(s.shard, s.key) for s in samples]}"
+            )
+        crops = [
+            crop_window(clip if clip is not None else good[0], length, self.crop, rng)
+            for clip in clips
+        ]
+        return torch.stack(crops)  # [B, 3, T, crop, crop]
+
+    def _clip(self, sample: RawSample, length: int, rng: np.random.Generator) -> np.ndarray | None:
+        """`length` frames (or fewer: a short clip) from a random start, fitted to the area cap."""
+        num = valid_length(int(sample.meta.get("frames") or 1)) if not sample.is_image else 1
+        idx = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
+        try:
+            if sample.is_image:
+                frames = decode_sample(sample)[0]
+            else:
+                frames = decode_video(sample.media, frame_indices=idx.tolist())[0]
+        except (MediaError, ValueError) as error:
+            log.warning("skipping sample %r in %s at decode: %s", sample.key, sample.shard, error)
+            return None
+        return fit_clip(frames, max_area=self.max_area, multiple=self.multiple)
 
 
 class PackStepDataset(Dataset):
@@ -227,6 +277,8 @@ class _StepDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.dataset: Dataset | None = None
         self.num_steps = 0
+        self.bad_samples = BadSampleCounter()
+        """Samples skipped while loading (read by `BadDataMonitor` before step 0)."""
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -279,7 +331,47 @@ class VAEDataModule(_StepDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         rank, _ = self._rank_world()
-        self.dataset = VAEStepDataset(load_samples(self.shards), rank=rank, **self.kwargs)
+        self.bad_samples = BadSampleCounter()
+        samples = load_samples(self.shards, stats=self.bad_samples)
+        self.dataset = VAEStepDataset(samples, rank=rank, **self.kwargs)
+
+
+class StreamingVAEDataModule(VAEDataModule):
+    """Raw shards streamed (not held in memory) -> random crops for the VAE; `data.loader=stream`.
+
+    See `streaming.py` for the split over ranks and workers and the exact resume.
+    """
+
+    def __init__(self, shards: list[str], *, shuffle_buffer: int = 64, **kwargs) -> None:
+        super().__init__(shards, **kwargs)
+        self.shuffle_buffer = shuffle_buffer
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = self._rank_world()
+        self.bad_samples = BadSampleCounter()
+        index = build_index(self.shards, self.bad_samples)
+        options = dict(self.kwargs)
+        batch_size = options.pop("batch_size")
+        self.dataset = StreamingStepDataset(
+            index,
+            VAECrops(**options),
+            batch_size=batch_size,
+            num_steps=self.num_steps,
+            seed=options["seed"],
+            rank=rank,
+            world_size=world,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        log.info("VAE data: streaming %d samples of %d shards", index.num_samples, len(self.shards))
+
+    def train_dataloader(self) -> DataLoader:
+        return StartAtStepLoader(
+            self.dataset,
+            self._current_step,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
 
 
 class DiTDataModule(_StepDataModule):
@@ -316,6 +408,10 @@ class DiTDataModule(_StepDataModule):
     def setup(self, stage: str | None = None) -> None:
         rank, world = self._rank_world()
         samples, null_text, self.meta = load_cache(self.cache_dir, self.expected_key)
+        # Skips happened when the cache was written (raw shards -> latents); they count here too.
+        self.bad_samples = BadSampleCounter.from_counts(
+            self.meta.get("skipped", {}), len(samples), f"latent cache {self.cache_dir}"
+        )
         mean, std = torch.tensor(self.meta["latent_mean"]), torch.tensor(self.meta["latent_std"])
         self.dataset = PackStepDataset(
             samples,

@@ -36,6 +36,7 @@ MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
 BAD_SAMPLE_REASONS = (
     "missing_media",
     "multiple_media",
+    "zero_byte",
     "missing_json",
     "missing_caption",
     "invalid_utf8",
@@ -77,6 +78,17 @@ class BadSampleCounter:
     """Skipped samples per reason."""
     seen: int = 0
     """All samples looked at, good or bad."""
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    """Per reason, the first `MAX_EXAMPLES` "shard: key" places, so an abort can name them."""
+
+    MAX_EXAMPLES = 5
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], num_good: int, where: str) -> BadSampleCounter:
+        """A counter rebuilt from saved counts (a latent cache's `skipped`); `where` names the source."""
+        clean = {reason: int(n) for reason, n in counts.items() if int(n) > 0}
+        examples = {reason: [f"{where}: (keys not recorded)"] for reason in clean}
+        return cls(counts=clean, seen=num_good + sum(clean.values()), examples=examples)
 
     @property
     def bad(self) -> int:
@@ -91,6 +103,9 @@ class BadSampleCounter:
         """Record and log a skipped sample."""
         self.seen += 1
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        places = self.examples.setdefault(reason, [])
+        if len(places) < self.MAX_EXAMPLES:
+            places.append(f"{shard}: {key}")
         log.warning(
             "skipping sample %r in %s: %s%s", key, shard, reason, f" ({detail})" if detail else ""
         )
@@ -106,8 +121,16 @@ class BadSampleCounter:
         if self.fraction() > threshold:
             raise RuntimeError(
                 f"{self.bad} of {self.seen} samples ({self.fraction():.1%}) were bad, above the allowed "
-                f"{threshold:.1%}; reasons: {dict(sorted(self.counts.items()))}. Check the shards."
+                f"{threshold:.1%}; reasons: {dict(sorted(self.counts.items()))}; first places: "
+                f"{self.describe()}. Fix or drop those shards (tools/make_shards.py test-decodes "
+                "every file), or raise data.max_bad_fraction."
             )
+
+    def describe(self) -> str:
+        """`reason -> shard: key, ...` for the recorded places, one reason after another."""
+        return "; ".join(
+            f"{reason} -> {', '.join(places)}" for reason, places in sorted(self.examples.items())
+        )
 
 
 def write_shards(
@@ -209,7 +232,7 @@ def _iter_one_shard(shard: str, stats: BadSampleCounter) -> Iterator[RawSample]:
                     if not info.isfile() or match is None:
                         continue
                     if match.group(1) != key:
-                        sample = None if key is None else _finish(key, shard, members, stats)
+                        sample = None if key is None else raw_sample(key, shard, members, stats)
                         if sample is not None:
                             yield sample
                         key, members = match.group(1), {}
@@ -218,7 +241,7 @@ def _iter_one_shard(shard: str, stats: BadSampleCounter) -> Iterator[RawSample]:
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as error:
         stats.add_bad("truncated_tar", shard, key or "<start>", f"{type(error).__name__}: {error}")
         return
-    sample = None if key is None else _finish(key, shard, members, stats)
+    sample = None if key is None else raw_sample(key, shard, members, stats)
     if sample is not None:
         yield sample
 
@@ -267,14 +290,20 @@ class _TailReader:
             )
 
 
-def _finish(
+def raw_sample(
     key: str, shard: str, members: dict[str, bytes], stats: BadSampleCounter
 ) -> RawSample | None:
-    """Turn one key's members into a RawSample, or count why it cannot be one (then None)."""
+    """Turn one key's members (ext -> bytes) into a RawSample, or count why it cannot be one (None).
+
+    Shared by this module's reader and the webdataset streaming reader, so both agree on what a
+    bad sample is.
+    """
     media = [ext for ext in members if ext in MEDIA_EXTS]
     meta, problem = _parse_meta(members.get("json"))
     if len(media) != 1:
         problem = ("missing_media" if not media else "multiple_media", f"members {sorted(members)}")
+    elif not members[media[0]]:
+        problem = ("zero_byte", f"{media[0]} member is empty")
     if problem is not None:
         stats.add_bad(problem[0], shard, key, problem[1])
         return None

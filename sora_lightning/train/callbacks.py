@@ -169,3 +169,38 @@ class VideoSampleLogger(L.Callback):
             )
         self._generator.dit = pl_module.ema
         return self._generator
+
+
+class BadDataMonitor(L.Callback):
+    """Before step 0: logs skipped samples per reason and aborts when too much data is bad.
+
+    Reads the datamodule's `bad_samples` (a `BadSampleCounter` filled while its setup read the
+    raw shards, or rebuilt from the latent cache's record of skips). Scalars
+    `data/bad/<reason>` and `data/bad_fraction` go to TensorBoard; the text log names each
+    reason's first shards and keys (every skip was already logged with its shard and key).
+    A run whose data is mostly broken stops here with the places to fix instead of training on
+    the rest.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.05) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = getattr(trainer.datamodule, "bad_samples", None)
+        if stats is None:
+            return
+        metrics = {f"data/bad/{reason}": float(n) for reason, n in sorted(stats.counts.items())}
+        metrics["data/bad_fraction"] = stats.fraction()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if stats.bad:
+            log.warning(
+                "data: %d of %d samples skipped (%.2f%%): %s",
+                stats.bad,
+                stats.seen,
+                100 * stats.fraction(),
+                stats.describe(),
+            )
+        stats.check(self.max_bad_fraction)  # RuntimeError naming reasons, shards and keys

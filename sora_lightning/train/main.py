@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from sora_lightning.data.datamodule import DiTDataModule, VAEDataModule
+from sora_lightning.data.datamodule import DiTDataModule, StreamingVAEDataModule, VAEDataModule
 from sora_lightning.data.latent_cache import CacheSettings, cache_key, read_cache_meta
 from sora_lightning.launch.slurm import preemption_callbacks
 from sora_lightning.models.dit import DiT
@@ -32,7 +32,7 @@ from sora_lightning.parallel.strategies import (
     find_sharded_checkpoint,
     gathered_state_dict,
 )
-from sora_lightning.train.callbacks import ThroughputMonitor, VideoSampleLogger
+from sora_lightning.train.callbacks import BadDataMonitor, ThroughputMonitor, VideoSampleLogger
 from sora_lightning.train.checkpoint import (
     CheckpointConfig,
     build_checkpointing,
@@ -154,6 +154,33 @@ def _fit(
         trainer.save_checkpoint(final)
 
 
+def _vae_datamodule(cfg: DictConfig, steps: int) -> VAEDataModule:
+    """data.loader=memory: shards held in memory, map-style; stream: webdataset streaming."""
+    hp, loader = cfg.vae_train, cfg.data.get("loader", "memory")
+    kwargs = dict(
+        batch_size=hp.batch_size,
+        crop=hp.crop,
+        frame_choices=tuple(hp.frame_choices),
+        max_area=cfg.cache.max_area,
+        multiple=cfg.cache.multiple,
+        seed=cfg.seed,
+        num_steps=steps,
+        num_workers=cfg.data.num_workers,
+    )
+    shards = expand_shards(cfg.data.shards)
+    if loader == "stream":
+        return StreamingVAEDataModule(
+            shards, shuffle_buffer=cfg.data.get("shuffle_buffer", 64), **kwargs
+        )
+    if loader != "memory":
+        raise ValueError(f"data.loader={loader!r} is not one of memory, stream")
+    return VAEDataModule(shards, **kwargs)
+
+
+def _bad_data_monitor(cfg: DictConfig) -> BadDataMonitor:
+    return BadDataMonitor(cfg.data.get("max_bad_fraction", 0.05))
+
+
 def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train the VAE on raw shards; writes run_dir/vae.safetensors + vae.json."""
     vae_cfg = instantiate(cfg.model.vae, _convert_="all")
@@ -169,18 +196,8 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         kl_weight=hp.kl_weight,
         sample_posterior=hp.get("sample_posterior", True),
     )
-    datamodule = VAEDataModule(
-        expand_shards(cfg.data.shards),
-        batch_size=hp.batch_size,
-        crop=hp.crop,
-        frame_choices=tuple(hp.frame_choices),
-        max_area=cfg.cache.max_area,
-        multiple=cfg.cache.multiple,
-        seed=cfg.seed,
-        num_steps=steps,
-        num_workers=cfg.data.num_workers,
-    )
-    trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor()])
+    datamodule = _vae_datamodule(cfg, steps)
+    trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor(), _bad_data_monitor(cfg)])
     _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
     save_module(module.vae, vae_cfg, run_dir, "vae", {"steps": trainer.global_step})
     return {
@@ -246,7 +263,15 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, **hp.sample_options
     )
     trainer = build_trainer(
-        cfg, run_dir, steps, [ThroughputMonitor(), samples, ShardReport(run_dir / "sharding")]
+        cfg,
+        run_dir,
+        steps,
+        [
+            ThroughputMonitor(),
+            samples,
+            ShardReport(run_dir / "sharding"),
+            _bad_data_monitor(cfg),
+        ],
     )
     _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
     ema = DiT(dit_cfg)  # gathered from ZeRO-3 partitions / FSDP2 shards (a no-op copy otherwise)
