@@ -62,9 +62,12 @@ class SlurmLauncherConfig:
     """Extra `#SBATCH --key=value` lines, e.g. {constraint: a100}."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the batch script before srun (module load, env activation)."""
+    array_parts: int = 2
+    """`sora-pipeline`: the sharded steps (shards, cache) run as a job array of this many tasks
+    plus a merge job; 1 runs each as one job."""
 
     def __post_init__(self) -> None:
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parts"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"launcher.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_requeues < 0 or self.gpus_per_node < 0 or self.signal_delay_s < 0:

@@ -59,6 +59,11 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
     for r in results:
         if r.status == "failed":
             console.print(f"[red]step {r.name} failed ({r.detail}); see its log: {r.log}[/red]")
+            for part in r.detail.get("failed_parts", []):
+                console.print(
+                    f"[red]  array task {part['job_id']} (part {part['part']}) {part['state']}: "
+                    f"logs {part['log']} and {part['slurm_log']}[/red]"
+                )
         if r.status == "blocked":
             console.print(
                 f"[yellow]step {r.name} not run: its inputs {r.detail['because']} failed[/yellow]"

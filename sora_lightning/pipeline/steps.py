@@ -2,7 +2,9 @@
 
 Each step is one command (so the local runner and SLURM run the very same thing) that reads the
 outputs of its input steps from the run folder. A finished step leaves a manifest of its output
-files' hashes; a step whose manifest verifies is skipped on re-run.
+files' hashes; a step whose manifest verifies is skipped on re-run. Steps that work shard by shard
+(writing shards, caching latents) also say how to run as P array tasks plus a merge: the SLURM
+runner uses that, and the merged outputs equal the single command's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from omegaconf import DictConfig
 from sora_lightning.utils import file_sha256
 
 Command = Callable[[DictConfig, Path, list[str]], list[str]]
+PartCommand = Callable[[DictConfig, Path, int], list[str]]
+"""(cfg, run_dir, num_parts) -> the command of every array task; each task's part index comes
+from $SLURM_ARRAY_TASK_ID, which both sharded CLIs read when --part is not given."""
+MergeCommand = Callable[[DictConfig, Path], list[str]]
 
 
 @dataclass
@@ -29,6 +35,14 @@ class Step:
     outputs: tuple[str, ...]
     """Files (relative to the run folder, globs allowed) that prove the step finished."""
     command: Command = field(repr=False)
+    part_command: PartCommand | None = field(default=None, repr=False)
+    """Set for steps that can run as a job array over parts (with `merge_command` after)."""
+    merge_command: MergeCommand | None = field(default=None, repr=False)
+    """Combines the parts' files into the step's declared outputs."""
+
+    @property
+    def splits_into_parts(self) -> bool:
+        return self.part_command is not None and self.merge_command is not None
 
     def manifest_path(self, run_dir: Path) -> Path:
         return run_dir / "steps" / f"{self.name}.json"
@@ -66,6 +80,14 @@ def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     ]
 
 
+def _shards_part(cfg: DictConfig, run: Path, num_parts: int) -> list[str]:
+    return [*_shards(cfg, run, []), "--no-progress", "--num-parts", str(num_parts)]
+
+
+def _shards_merge(cfg: DictConfig, run: Path) -> list[str]:
+    return [*PY, "sora_lightning.data.ingest", "--merge-summaries", "--output", str(run / "shards")]
+
+
 def _vae(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
     return [
         *PY,
@@ -98,6 +120,14 @@ def _cache(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         str(cfg.model.text.max_length),
         *(["--text-path", str(text_path)] if text_path else []),
     ]
+
+
+def _cache_part(cfg: DictConfig, run: Path, num_parts: int) -> list[str]:
+    return [*_cache(cfg, run, []), "--num-parts", str(num_parts)]
+
+
+def _cache_merge(cfg: DictConfig, run: Path) -> list[str]:
+    return [*PY, "sora_lightning.data.latent_cache", "--merge", "--output", str(run / "cache")]
 
 
 def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
@@ -159,9 +189,23 @@ def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("shards", (), ("shards/summary.json", "shards/*.tar"), _shards),
+    Step(
+        "shards",
+        (),
+        ("shards/summary.json", "shards/*.tar"),
+        _shards,
+        _shards_part,
+        _shards_merge,
+    ),
     Step("vae", ("shards",), ("vae/vae.safetensors", "vae/vae.json"), _vae),
-    Step("cache", ("shards", "vae"), ("cache/meta.json", "cache/latents-*.tar"), _cache),
+    Step(
+        "cache",
+        ("shards", "vae"),
+        ("cache/meta.json", "cache/latents-*.tar"),
+        _cache,
+        _cache_part,
+        _cache_merge,
+    ),
     Step("dit", ("cache", "vae"), ("dit/final/dit.safetensors", "dit/final/dit.json"), _dit),
     Step("samples", ("dit",), ("samples/*.mp4",), _samples),
     Step("eval", ("dit",), ("eval/eval.json",), _eval),
