@@ -2,10 +2,11 @@
 
 Two real processes (torch.multiprocessing spawn) share one packed video batch (three samples of
 different grids, an odd token count so the padding path runs, leading and trailing conditioning
-frames). Each rank computes the training loss of `DiTModule` (`flow.packed_batch_loss`) with its half of the tokens
-(Ulysses attention inside), backpropagates, and sums its parameter gradients over the group (what
-`loss * N` under DDP's mean does in training). Loss and every gradient must equal the single-rank
-run within fp32 tolerance, and the bytes autograd saves for backward per rank must shrink.
+frames). Each rank computes the training loss of `DiTModule` (`flow.packed_batch_loss`) with its
+half of the tokens (Ulysses attention inside), backpropagates, and sums its parameter gradients
+over the group (what `loss * N` under DDP's mean does in training). Loss and every gradient must equal the single-rank
+run within fp32 tolerance (also with activation checkpointing, which re-runs the all-to-alls in
+backward), and the bytes autograd saves for backward per rank must shrink.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def _config() -> DiTConfig:
     )
 
 
-def _model() -> DiT:
+def _model(activation_checkpointing: bool = False) -> DiT:
     """Tiny DiT with every parameter nudged off its zero init, so every gradient carries signal."""
     torch.manual_seed(0)
-    model = DiT(_config())
+    config = _config()
+    config.activation_checkpointing = activation_checkpointing
+    model = DiT(config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -98,10 +101,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
     )
     sequence = build_sequence_groups([WORLD_SIZE], WORLD_SIZE, rank, "sdpa")[WORLD_SIZE]
-    result = _step(_model(), sequence)
-    for grad in result["grads"].values():  # the group's gradient is the sum of its ranks' shares
-        torch.distributed.all_reduce(grad, group=sequence.group)
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    results = {}
+    for recompute in (False, True):  # checkpointed blocks redo the all-to-alls in backward
+        result = _step(_model(recompute), sequence)
+        for grad in result["grads"].values():  # the group's gradient: the sum of rank shares
+            torch.distributed.all_reduce(grad, group=sequence.group)
+        results["checkpointed" if recompute else "plain"] = result
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -113,10 +119,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def sharded_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("sp_dit")
     mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def sharded(sharded_runs: list[dict]) -> list[dict]:
+    return [run["plain"] for run in sharded_runs]
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +158,15 @@ def test_per_rank_activation_memory_shrinks(sharded: list[dict], single: dict) -
     ratios = [r["saved_bytes"] / single["saved_bytes"] for r in sharded]
     print(f"saved activation bytes: sp=1 {single['saved_bytes']}, sp=2 per rank ratios {ratios}")
     assert max(ratios) < 0.6, ratios
+
+
+def test_activation_checkpointing_under_sequence_parallel(
+    sharded_runs: list[dict], single: dict
+) -> None:
+    for run in sharded_runs:
+        result = run["checkpointed"]
+        torch.testing.assert_close(result["loss"], single["loss"], rtol=LOSS_RTOL, atol=1e-7)
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(
+                result["grads"][name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name
+            )
