@@ -62,7 +62,8 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
             for part in r.detail.get("failed_parts", []):
                 console.print(
                     f"[red]  array task {part['job_id']} (part {part['part']}) {part['state']}: "
-                    f"logs {part['log']} and {part['slurm_log']}[/red]"
+                    f"logs {part['log']} and {part['slurm_log']}[/red]",
+                    soft_wrap=True,  # whole paths, so they can be copied from the report
                 )
         if r.status == "blocked":
             console.print(
