@@ -195,6 +195,7 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         mse_weight=hp.mse_weight,
         kl_weight=hp.kl_weight,
         sample_posterior=hp.get("sample_posterior", True),
+        seed=cfg.seed,
     )
     datamodule = _vae_datamodule(cfg, steps)
     trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor(), _bad_data_monitor(cfg)])

@@ -1,4 +1,9 @@
-"""LightningModule that trains the causal video VAE: reconstruction + KL, terms configurable."""
+"""LightningModule that trains the causal video VAE: reconstruction + KL, terms configurable.
+
+Posterior samples draw their noise from a generator keyed by (seed, global step, rank), like the
+DiT's flow noise, so a run resumed from a checkpoint draws exactly the noise of an uninterrupted
+one without any RNG state in the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,17 @@ from torch import Tensor
 
 from sora_lightning.diffusion.flow import cosine_warmup_lr
 from sora_lightning.models.vae import VAEConfig, VideoVAE
+from sora_lightning.train.dit_module import noise_generator
+
+
+def posterior_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The posterior-noise RNG of one step on one rank, on `device` (the draw happens there).
+
+    Same (seed, step, rank) keying as the DiT's `noise_generator`, so both tasks resume alike.
+    """
+    return torch.Generator(device=device).manual_seed(
+        noise_generator(seed, step, rank).initial_seed()
+    )
 
 
 def vae_loss(
@@ -45,6 +61,7 @@ class VAEModule(L.LightningModule):
         mse_weight: float = 1.0,
         kl_weight: float = 1e-4,
         sample_posterior: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,8 +70,11 @@ class VAEModule(L.LightningModule):
         )
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        generator = posterior_generator(
+            self.hparams.seed, self.global_step, self.global_rank, batch.device
+        )
         recon, posterior = self.vae(
-            batch, sample_posterior=self.hparams.sample_posterior
+            batch, sample_posterior=self.hparams.sample_posterior, generator=generator
         )  # [B, 3, T, H, W]
         num_latent = posterior.mean[0].numel()
         terms = vae_loss(
