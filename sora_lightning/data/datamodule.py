@@ -4,12 +4,19 @@ Why step-indexed, map-style datasets: resuming at step k needs no replay, no sam
 RNG state; it is exact with any number of workers; every rank takes the same number of steps; and
 the curriculum stage of a batch follows from its step. A `StepSampler` simply starts at the
 trainer's restored global step.
+
+DiT packs come from one endless stream per curriculum stage (its epochs back to back, each a
+seeded permutation), packed by `stream_packs`: a pack may mix the end of one epoch with the start
+of the next, so no epoch ends in a part-empty pack, and still no sample is dropped or repeated.
+Pack k of a stage is a pure function of (seed, stage, k); rank r takes pack `step * world + r`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,7 +35,7 @@ from sora_lightning.data.clips import (
 )
 from sora_lightning.data.decode import MediaError, decode_video
 from sora_lightning.data.latent_cache import CachedSample, load_cache
-from sora_lightning.data.packing import PackedBatch, pack_samples, plan_packs
+from sora_lightning.data.packing import PackedBatch, pack_samples, stream_packs
 from sora_lightning.data.shards import BadSampleCounter, RawSample, load_samples
 from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
 from sora_lightning.train.curriculum import Curriculum, Stage
@@ -154,8 +161,36 @@ class VAECrops:
         return fit_clip(frames, max_area=self.max_area, multiple=self.multiple)
 
 
+class PackSequence:
+    """Random access to a deterministic, endless sequence of packs, generated on demand.
+
+    Steps arrive in increasing order in each process, so only the newest `keep` packs are held
+    (memory stays bounded on long runs); asking for an older one regenerates from the start.
+    """
+
+    def __init__(self, make: Callable[[], Iterator[list]], keep: int = 4096) -> None:
+        self.make, self.keep = make, keep
+        self._source: Iterator[list] | None = None
+        self._recent: deque[list] = deque()
+        self._first = 0  # sequence index of _recent[0]
+
+    def __getitem__(self, index: int) -> list:
+        if self._source is None or index < self._first:
+            self._source, self._recent, self._first = self.make(), deque(), 0
+        while index >= self._first + len(self._recent):
+            self._recent.append(next(self._source))
+            if len(self._recent) > self.keep:
+                self._recent.popleft()
+                self._first += 1
+        return self._recent[index - self._first]
+
+
 class PackStepDataset(Dataset):
-    """Packed DiT batches from cached latents, shaped by the curriculum stage of each step."""
+    """Packed DiT batches from cached latents, shaped by the curriculum stage of each step.
+
+    `pack_window` is the packer's lookahead in samples (capped at the stage's samples per epoch):
+    larger fills packs better; a sample waits at most that many packs.
+    """
 
     def __init__(
         self,
@@ -173,6 +208,7 @@ class PackStepDataset(Dataset):
         text_dropout: float,
         rank: int = 0,
         world_size: int = 1,
+        pack_window: int = 64,
     ) -> None:
         if not samples:
             raise ValueError("the latent cache is empty")
@@ -181,33 +217,51 @@ class PackStepDataset(Dataset):
         self.patch, self.spatial, self.temporal = tuple(patch_size), spatial_factor, temporal_factor
         self.seed, self.caption_probs, self.text_dropout = seed, caption_probs, text_dropout
         self.rank, self.world_size = rank, world_size
-        self._plans: dict[tuple[int, int], list[list[tuple[int, int]]]] = {}
+        self.pack_window = pack_window
+        self._plans: dict[int, PackSequence] = {}
 
     def __len__(self) -> int:
         return 1 << 40
 
-    def _plan(self, stage_index: int, epoch: int) -> list[list[tuple[int, int]]]:
-        """Packs of (sample id, latent frames) for one pass over the data in one stage."""
-        if (stage_index, epoch) not in self._plans:
+    def _epoch_items(self, stage_index: int, epoch: int) -> list[tuple[int, int]]:
+        """(sample id, latent frames) of one pass over the data in one stage, in stream order."""
+        stage = self.curriculum.stages[stage_index]
+        rng = step_rng(self.seed, stage_index, epoch, 7)
+        chosen = [
+            (int(i), f)
+            for i in rng.permutation(len(self.samples))
+            if (f := self._frames_for(int(i), stage, rng))
+        ]
+        if not chosen:
+            raise ValueError(
+                f"stage {stage.name!r}: no cached sample fits (area cap {stage.max_area}); cache at a smaller size"
+            )
+        return chosen
+
+    def _stage_stream(self, stage_index: int) -> Iterator[tuple[int, int]]:
+        """The stage's epochs back to back: packs carry samples across epoch boundaries."""
+        for epoch in itertools.count():
+            yield from self._epoch_items(stage_index, epoch)
+
+    def _packs(self, stage_index: int) -> PackSequence:
+        """The stage's packs in order, generated lazily (shared by all ranks: same seed, same plan)."""
+        if stage_index not in self._plans:
             stage = self.curriculum.stages[stage_index]
-            rng = step_rng(self.seed, stage_index, epoch, 7)
-            chosen = [
-                (i, f)
-                for i in rng.permutation(len(self.samples))
-                if (f := self._frames_for(int(i), stage, rng))
-            ]
-            if not chosen:
-                raise ValueError(
-                    f"stage {stage.name!r}: no cached sample fits (area cap {stage.max_area}); cache at a smaller size"
+            window = min(self.pack_window, len(self._epoch_items(stage_index, 0)))
+            self._plans[stage_index] = PackSequence(
+                lambda: stream_packs(
+                    self._stage_stream(stage_index),
+                    stage.token_budget,
+                    length=lambda item: self._tokens(*item),
+                    sample_id=lambda item: item[0],
+                    window=window,
                 )
-            lengths = [self._tokens(i, f) for i, f in chosen]
-            self._plans = {
-                k: v for k, v in self._plans.items() if k[0] == stage_index and k[1] >= epoch - 1
-            }
-            self._plans[(stage_index, epoch)] = [
-                [chosen[j] for j in pack] for pack in plan_packs(lengths, stage.token_budget)
-            ]
-        return self._plans[(stage_index, epoch)]
+            )
+        return self._plans[stage_index]
+
+    def __getstate__(self) -> dict:
+        """Live pack generators do not pickle (spawned workers): workers rebuild them."""
+        return {**self.__dict__, "_plans": {}}
 
     def _frames_for(self, index: int, stage: Stage, rng: np.random.Generator) -> int:
         """Latent frames this sample contributes in `stage` (0 = excluded by the area cap)."""
@@ -234,12 +288,8 @@ class PackStepDataset(Dataset):
         """The (sample, frames) list this rank trains on at global `step`."""
         stage_index, in_stage = self.curriculum.stage_at(step)
         rank, world = self.data_rank(self.curriculum.stages[stage_index])
-        global_pack = in_stage * world + rank
-        epoch = 0
-        while global_pack >= len(plan := self._plan(stage_index, epoch)):
-            global_pack -= len(plan)
-            epoch += 1
-        return self.curriculum.stages[stage_index], plan[global_pack]
+        packs = self._packs(stage_index)
+        return self.curriculum.stages[stage_index], packs[in_stage * world + rank]
 
     def __getitem__(self, step: int) -> PackedBatch:
         stage, items = self.pack_for(step)

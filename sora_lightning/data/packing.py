@@ -12,13 +12,16 @@ L tokens of a packed batch, P = C * pt * ph * pw values per token, S text tokens
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from sora_lightning.models.patches import PatchSize, patchify, seqlens_to_cu, token_grid, unpatchify
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -188,6 +191,68 @@ def plan_packs(
     return sorted(closed, key=lambda members: members[0])
 
 
+def stream_packs(
+    items: Iterable[Item],
+    capacity: int,
+    *,
+    length: Callable[[Item], int],
+    sample_id: Callable[[Item], Hashable],
+    window: int = 64,
+) -> Iterator[list[Item]]:
+    """Packs of a (possibly endless) sample stream: oldest item first, then best-fit decreasing.
+
+    Why: planning one epoch at a time leaves each epoch's last packs part empty, and first fit in
+    stream order leaves gaps that a later, smaller sample could have filled. Here a lookahead of
+    `window` items is kept; each pack starts with the oldest waiting item (so no item waits more
+    than `window` packs) and is then filled with the largest waiting items that still fit, the
+    window refilled from the stream as items leave. Items cross epoch boundaries freely: every
+    stream item lands in exactly one pack (none dropped, none repeated), and a pack never holds
+    two items with the same `sample_id` (copies of one sample from consecutive epochs).
+    Deterministic: the same stream gives the same packs. Items within a pack keep stream order.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    source = iter(enumerate(items))
+    waiting: list[tuple[int, Item, int]] = []  # (stream position, item, tokens), oldest first
+    while _refill(waiting, source, window, capacity, length):
+        first = waiting.pop(0)
+        _refill(waiting, source, window, capacity, length)
+        members, free = [first], capacity - first[2]
+        taken = {sample_id(first[1])}
+        while (pick := _best_fit(waiting, free, taken, sample_id)) is not None:
+            chosen = waiting.pop(pick)
+            members.append(chosen)
+            free -= chosen[2]
+            taken.add(sample_id(chosen[1]))
+            _refill(waiting, source, window, capacity, length)
+        yield [item for _, item, _ in sorted(members, key=lambda member: member[0])]
+
+
+def _refill(
+    waiting: list, source: Iterator, window: int, capacity: int, length: Callable[[Item], int]
+) -> bool:
+    """Top the lookahead up to `window` items; False once stream and lookahead are both empty."""
+    while len(waiting) < window:
+        position, item = next(source, (None, None))
+        if position is None:
+            break
+        tokens = int(length(item))
+        _check_lengths([tokens], capacity, first_index=position)
+        waiting.append((position, item, tokens))
+    return bool(waiting)
+
+
+def _best_fit(
+    waiting: list, free: int, taken: set, sample_id: Callable[[Item], Hashable]
+) -> int | None:
+    """Index of the largest waiting item (oldest on ties) that fits `free` and is not in the pack."""
+    best, best_tokens = None, 0
+    for index, (_, item, tokens) in enumerate(waiting):
+        if best_tokens < tokens <= free and sample_id(item) not in taken:
+            best, best_tokens = index, tokens
+    return best
+
+
 def plan_buckets(shapes: Sequence[tuple[int, ...]], capacity: int) -> list[list[int]]:
     """Open-Sora-style bucketing: batches of identical shapes only, as many per batch as fit.
 
@@ -217,10 +282,10 @@ def packing_efficiency(
     return sum(lengths[i] for plan in plans for i in plan) / (len(plans) * capacity)
 
 
-def _check_lengths(lengths: Sequence[int], capacity: int) -> None:
+def _check_lengths(lengths: Sequence[int], capacity: int, first_index: int = 0) -> None:
     if capacity < 1:
         raise ValueError(f"capacity must be positive, got {capacity}")
-    for index, length in enumerate(lengths):
+    for index, length in enumerate(lengths, start=first_index):
         if length < 1:
             raise ValueError(f"sample {index} has {length} tokens; every sample needs at least one")
         if length > capacity:

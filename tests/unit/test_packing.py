@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from sora_lightning.data.packing import (
     packing_efficiency,
     plan_buckets,
     plan_packs,
+    stream_packs,
     unpack_latents,
 )
 
@@ -113,3 +115,74 @@ def test_bounded_open_packs_stay_valid() -> None:
     assert all(sum(lengths[i] for i in plan) <= 4096 for plan in plans)
     assert plan_packs([3, 3, 3], 4, max_open=1) == [[0], [1], [2]]
     assert plan_packs([3, 1, 2, 2], 4) == [[0, 1], [2, 3]]
+
+
+def _stream(num_epochs: int, num_samples: int = 104) -> list[tuple[int, int, int]]:
+    """(stream position, sample id, tokens): epochs of one sample set, each a new permutation
+    with new clip lengths, like the DiT data (token grids of crops of many sizes and aspects)."""
+    rng = np.random.default_rng(1)
+    area = [int(rng.integers(5, 17)) * int(rng.integers(5, 22)) for _ in range(num_samples)]
+    items = []
+    for _ in range(num_epochs):
+        for sample in rng.permutation(num_samples):
+            frames = int(rng.choice([1, 3, 5, 9]))
+            items.append((len(items), int(sample), frames * area[sample]))
+    return items
+
+
+def _stream_packs(items: list, capacity: int = 4096, window: int = 64) -> list[list]:
+    return list(
+        stream_packs(
+            items, capacity, length=lambda it: it[2], sample_id=lambda it: it[1], window=window
+        )
+    )
+
+
+def test_stream_packs_place_every_item_once_across_epochs() -> None:
+    items = _stream(8)
+    packs = _stream_packs(items)
+    flat = [item for pack in packs for item in pack]
+    assert sorted(flat) == items  # nothing dropped, nothing repeated, epochs included
+    assert all(sum(it[2] for it in pack) <= 4096 for pack in packs)
+    assert all(len({it[1] for it in pack}) == len(pack) for pack in packs)  # a sample once per pack
+    assert all(pack == sorted(pack) for pack in packs) and packs == _stream_packs(items)
+    # Each pack starts with the oldest waiting item, so an item waits at most `window` packs.
+    arrival = {item: index for index, item in enumerate(items)}
+    emitted = {item: k for k, pack in enumerate(packs) for item in pack}
+    emitted_before = np.cumsum([0] + [len(pack) for pack in packs])
+    for item in items:
+        pack = emitted[item]
+        assert arrival[item] < emitted_before[pack] + len(packs[pack]) + 64  # in the window
+
+
+def test_stream_packs_beat_first_fit_per_epoch() -> None:
+    items, epochs = _stream(8), 8
+    lengths = [it[2] for it in items]
+    real, capacity = sum(lengths), 4096
+    streamed = real / (len(_stream_packs(items)) * capacity)
+    per_epoch = sum(len(plan_packs(lengths[e * 104 : (e + 1) * 104], capacity)) for e in range(8))
+    assert streamed >= 0.97, streamed
+    assert streamed > real / (per_epoch * capacity) + 0.01
+    assert epochs * 104 == len(items)
+
+
+def test_stream_packs_hold_window_items_back_and_work_on_endless_streams() -> None:
+    def endless():
+        position = 0
+        while True:
+            yield (position, position % 5, 3)
+            position += 1
+
+    packs = stream_packs(endless(), 7, length=lambda it: it[2], sample_id=lambda it: it[1])
+    first = [next(packs) for _ in range(50)]
+    assert all(len(pack) == 2 for pack in first)  # 3 + 3 <= 7 < 9
+    emitted = Counter(item for pack in first for item in pack)
+    assert max(emitted.values()) == 1 and len(emitted) == 100
+    assert max(item[0] for item in emitted) < 100 + 64  # never further ahead than the window
+
+
+def test_stream_packs_refuse_oversize_items_and_bad_windows() -> None:
+    with pytest.raises(ValueError, match="sample 2 has 9 tokens"):
+        list(stream_packs([1, 2, 9], 8, length=int, sample_id=id))
+    with pytest.raises(ValueError, match="window"):
+        list(stream_packs([1], 8, length=int, sample_id=id, window=0))

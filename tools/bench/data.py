@@ -10,7 +10,8 @@ PyAV; then shards it with `tools/make_shards.py`'s ingest and measures:
 
 - `packing_efficiency` / `bucketing_efficiency`: real tokens over (batches x token budget) when
   the same samples (each epoch: a random clip length up to the native one, like the DiT data)
-  are first-fit packed (NaViT) or put in same-shape buckets (Open-Sora style), same budget.
+  are packed (NaViT; `stream_packs` across epochs, as the DiT data does) or put in same-shape
+  buckets (Open-Sora style), same budget. `first_fit_per_epoch_efficiency`: the older planner.
 - `loader_vs_decode_ratio`: samples/s delivered by the streaming VAE loader (tar read, PyAV
   decode of the needed frames, resize under the area cap, crop, batch), per worker, over
   samples/s of bare PyAV decoding of exactly the same frames of the same samples in the same
@@ -35,7 +36,7 @@ from sora_lightning.data.clips import frame_indices, valid_length
 from sora_lightning.data.datamodule import VAECrops, step_rng
 from sora_lightning.data.decode import encode_mp4
 from sora_lightning.data.ingest import shards_from_manifest
-from sora_lightning.data.packing import plan_buckets, plan_packs
+from sora_lightning.data.packing import plan_buckets, plan_packs, stream_packs
 from sora_lightning.data.resize import fit_resolution
 from sora_lightning.data.shards import load_samples
 from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=8, help="epochs of clip choices to pack")
     parser.add_argument("--max-area", type=int, default=256 * 256, help="pixel area cap")
     parser.add_argument("--token-budget", type=int, default=4096, help="tokens per batch")
+    parser.add_argument("--pack-window", type=int, default=64, help="packing lookahead (samples)")
     parser.add_argument("--loader-steps", type=int, default=24, help="loader batches timed")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
@@ -143,17 +145,33 @@ def token_lengths(
 
 
 def efficiencies(metas: list[dict], args: argparse.Namespace) -> dict[str, float]:
-    """Packing and bucketing over `epochs` epochs, each planned on its own (as the DiT data does)."""
-    packed = bucketed = real = 0
-    for epoch in range(args.epochs):
-        grids = token_lengths(metas, args, epoch)
-        lengths = [math.prod(grid) for grid in grids]
-        real += sum(lengths)
-        packed += len(plan_packs(lengths, args.token_budget))
-        bucketed += len(plan_buckets(grids, args.token_budget))
+    """Packing and bucketing of the same `epochs` epochs of clip choices, same token budget.
+
+    Packing streams the epochs back to back through `stream_packs`, as the DiT data does (packs
+    carry samples across epoch boundaries); every batch counts, the final part-full ones too.
+    `first_fit_per_epoch_efficiency` is the earlier planner (first fit, one epoch at a time).
+    Bucketing groups each epoch's identical shapes (a bucket never spans epochs).
+    """
+    epochs = [token_lengths(metas, args, epoch) for epoch in range(args.epochs)]
+    lengths = [[math.prod(grid) for grid in grids] for grids in epochs]
+    real = sum(sum(epoch) for epoch in lengths)
+    stream = [(index, tokens) for epoch in lengths for index, tokens in enumerate(epoch)]
+    packed = sum(
+        1
+        for _ in stream_packs(
+            stream,
+            args.token_budget,
+            length=lambda item: item[1],
+            sample_id=lambda item: item[0],
+            window=min(args.pack_window, len(metas)),
+        )
+    )
+    first_fit = sum(len(plan_packs(epoch, args.token_budget)) for epoch in lengths)
+    bucketed = sum(len(plan_buckets(grids, args.token_budget)) for grids in epochs)
     return {
         "packing_efficiency": real / (packed * args.token_budget),
         "bucketing_efficiency": real / (bucketed * args.token_budget),
+        "first_fit_per_epoch_efficiency": real / (first_fit * args.token_budget),
         "num_batches_packed": packed,
         "num_batches_bucketed": bucketed,
     }
