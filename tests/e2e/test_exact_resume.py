@@ -132,11 +132,24 @@ def test_checkpoints_carry_stage_and_verify(interrupted: Path) -> None:
     assert not list(checkpoints.glob(".*")), "temp files left behind"
 
 
+def same_threads_env() -> dict[str, str]:
+    """The environment with this process's intra-op thread count made explicit.
+
+    The in-process runs use `torch.get_num_threads()` threads; a subprocess would otherwise take
+    whatever OMP_NUM_THREADS the shell exported, and a different count reorders float sums
+    (the EMA then differs in the last bits).
+    """
+    threads = str(torch.get_num_threads())
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 def _kill_when_first_checkpoint_lands(args: list[str], run_dir: Path, log_file: Path) -> int:
     """Start `sora-train`, SIGKILL it as soon as its first checkpoint verifies; returns the exit code."""
     first = run_dir / "checkpoints" / "step=2.manifest.json"
     with open(log_file, "w") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=same_threads_env()
+        )
         deadline = time.monotonic() + 600
         while not first.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
