@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from sora_lightning.data.decode import decode_image, decode_video
-from sora_lightning.data.resize import fit_resolution, resize_frames
+from sora_lightning.data.resize import FitFrame, fit_resolution, resize_frames
 from sora_lightning.data.shards import RawSample
 
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp"})
@@ -21,6 +21,20 @@ def decode_sample(sample: RawSample) -> tuple[np.ndarray, float]:
     if sample.media_ext in IMAGE_EXTS:
         return decode_image(sample.media), 0.0
     return decode_video(sample.media)
+
+
+def decode_fitted(
+    sample: RawSample, *, max_area: int, multiple: int, frame_indices: list[int] | None = None
+) -> np.ndarray:
+    """A sample's frames (all, or `frame_indices`; an image has frame 0), already fitted.
+
+    Same sizes as `fit_clip(decode_sample(sample)[0], ...)`, but FFmpeg resizes while converting
+    from YUV, only the asked frames, so no full-size RGB copy is made (the VAE loaders' path).
+    """
+    if sample.media_ext in IMAGE_EXTS:
+        frame_indices = [0]
+    fit = FitFrame(max_area=max_area, multiple=multiple)
+    return decode_video(sample.media, frame_indices=frame_indices, convert=fit)[0]
 
 
 def valid_length(num_frames: int, temporal_factor: int = 4, max_frames: int | None = None) -> int:

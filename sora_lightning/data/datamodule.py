@@ -27,13 +27,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sora_lightning.data.clips import (
-    decode_sample,
-    fit_clip,
+    decode_fitted,
     frame_indices,
     to_model_range,
     valid_length,
 )
-from sora_lightning.data.decode import MediaError, decode_video
+from sora_lightning.data.decode import MediaError
 from sora_lightning.data.latent_cache import CachedSample, load_cache
 from sora_lightning.data.packing import PackedBatch, pack_samples, stream_packs
 from sora_lightning.data.shards import BadSampleCounter, RawSample, load_samples
@@ -85,8 +84,7 @@ class VAEStepDataset(Dataset):
         self._frames = lru_cache(maxsize=4096)(self._decode)
 
     def _decode(self, index: int) -> np.ndarray:
-        frames, _ = decode_sample(self.samples[index])
-        return fit_clip(frames, max_area=self.max_area, multiple=self.multiple)
+        return decode_fitted(self.samples[index], max_area=self.max_area, multiple=self.multiple)
 
     def __len__(self) -> int:
         return 1 << 40
@@ -118,7 +116,7 @@ def crop_window(clip: np.ndarray, length: int, crop: int, rng: np.random.Generat
 
 @dataclass(frozen=True)
 class VAECrops:
-    """Streaming VAE batches: decode only the frames a crop needs, then resize and crop.
+    """Streaming VAE batches: decode only the frames a crop needs, resized by FFmpeg, then crop.
 
     Picklable (a frozen dataclass), so DataLoader workers run it. A sample that fails to decode
     is logged with shard and key and replaced by another sample of the same batch, so the batch
@@ -151,14 +149,12 @@ class VAECrops:
         num = valid_length(int(sample.meta.get("frames") or 1)) if not sample.is_image else 1
         idx = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
         try:
-            if sample.is_image:
-                frames = decode_sample(sample)[0]
-            else:
-                frames = decode_video(sample.media, frame_indices=idx.tolist())[0]
+            return decode_fitted(
+                sample, max_area=self.max_area, multiple=self.multiple, frame_indices=idx.tolist()
+            )
         except (MediaError, ValueError) as error:
             log.warning("skipping sample %r in %s at decode: %s", sample.key, sample.shard, error)
             return None
-        return fit_clip(frames, max_area=self.max_area, multiple=self.multiple)
 
 
 class PackSequence:

