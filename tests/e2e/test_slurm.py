@@ -308,7 +308,10 @@ def test_usr2_checkpoints_requeues_and_resumes_exactly(reference_and_preempted: 
     assert 2 <= int(stopped.group(1)) < STEPS
     resumed_from = rf"resuming from (sharded checkpoint )?\S+step={stopped.group(1)}\.ckpt"
     assert re.search(resumed_from, logs), logs[-4000:]
-    states = [row[0] for row in sacct(reference_and_preempted["job_id"], "State")]
+    job_id = reference_and_preempted["job_id"]
+    # submitit has the result a moment before slurmdbd records the requeued job's end.
+    wait_for(lambda: sacct(job_id, "State")[-1][0] == "COMPLETED", 60, "accounting to catch up")
+    states = [row[0] for row in sacct(job_id, "State")]
     assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
     reference = load_file(root / "reference" / "final" / "dit.safetensors")
     resumed = load_file(root / "preempted" / "final" / "dit.safetensors")
