@@ -100,6 +100,18 @@ def gif_summary(tag: str, frames: np.ndarray, fps: int) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
+def ema_is_sharded(module: torch.nn.Module) -> bool:
+    """True when `module`'s parameters are split over ranks (DeepSpeed ZeRO-3 or FSDP2 DTensors).
+
+    Then a forward is a collective: every rank has to run it, not just the one that logs.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return any(
+        hasattr(param, "ds_tensor") or isinstance(param, DTensor) for param in module.parameters()
+    )
+
+
 class VideoSampleLogger(L.Callback):
     """Every N steps, samples fixed prompts with the EMA weights and logs them as playable videos."""
 
@@ -130,28 +142,39 @@ class VideoSampleLogger(L.Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        if (
-            self.every_n_steps <= 0
-            or step % self.every_n_steps
-            or not trainer.is_global_zero
-            or trainer.logger is None
-        ):
+        if self.every_n_steps <= 0 or step % self.every_n_steps:
+            return
+        sharded = ema_is_sharded(pl_module.ema)
+        if not (trainer.is_global_zero or sharded):
             return
         self.log_samples(trainer, pl_module, step)
+        if sharded and hasattr(pl_module.ema, "reshard"):
+            # FSDP2 leaves a root module unsharded after a forward (it expects a backward); the
+            # EMA update needs its DTensor shards back.
+            pl_module.ema.reshard()
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Generate every prompt; only global rank 0 writes.
+
+        With sharded EMA weights (ZeRO-3, FSDP2) each forward gathers parameters collectively,
+        so every rank must run the same forwards in step (same prompts, seeds and step counts),
+        or rank 0 would wait forever for the others.
+        """
         from sora_lightning.sample.generate import SampleOptions
 
         generator = self._get_generator(pl_module)
-        writer = trainer.logger.experiment
+        writer = trainer.logger.experiment if trainer.is_global_zero and trainer.logger else None
         for index, prompt in enumerate(self.prompts):
             video = generator.generate(prompt, SampleOptions(seed=index, **self.options))
+            if writer is None:
+                continue
             summary = gif_summary(f"samples/{index}", video.frames, self.options["fps"])
             writer._get_file_writer().add_summary(
                 summary, step
             )  # SummaryWriter has no public raw-summary API
             writer.add_text(f"samples/{index}_prompt", prompt, step)
-        writer.flush()
+        if writer is not None:
+            writer.flush()
 
     def _get_generator(self, pl_module: L.LightningModule):
         from sora_lightning.models.text import TextEncoder, TextEncoderConfig
