@@ -62,6 +62,10 @@ class SampleOptions:
     fps: int = 8
     cond_position: str = "start"
     """Where given frames go: "start" (image-to-video, extension) or "end" (lead-up to a clip)."""
+    image_first: bool = False
+    """Factorised text-to-video (Emu Video): sample the first frame as an image from the image
+    form of the prompt, then the video conditioned on it, as in image-to-video. Only when no
+    frames are given."""
 
     def __post_init__(self) -> None:
         if self.cond_position not in COND_POSITIONS:
@@ -114,9 +118,17 @@ class VideoGenerator:
         self.max_text_tokens = text_encoder.config.max_length
         self._null_states: Tensor | None = None
 
-    def encode_prompt(self, prompt: str) -> tuple[Tensor, str]:
-        """Expand a short prompt to the detailed caption form, then encode (real tokens only)."""
-        expanded = expand_prompt(prompt) if self.expand_prompts else prompt
+    def encode_prompt(self, prompt: str, num_frames: int | None = None) -> tuple[Tensor, str]:
+        """Expand a short prompt to the detailed caption form, then encode (real tokens only).
+
+        num_frames=1 expands to the image form ("An image of ..."); None to the video form.
+        """
+        if not self.expand_prompts:
+            expanded = prompt
+        elif num_frames is None:
+            expanded = expand_prompt(prompt)
+        else:
+            expanded = expand_prompt(prompt, num_frames=num_frames)
         encoding = self.text_encoder.encode([expanded])
         if encoding.num_truncated:
             raise ValueError(
@@ -165,18 +177,34 @@ class VideoGenerator:
         """Normalised latents [C, F, h, w] and the expanded prompt; conditioned latent frames
         equal the encoded given frames exactly (re-imposed after every solver step)."""
         states, expanded = self.encode_prompt(prompt)
-        null_states = self._null_text()
         shape = self.latent_shape(options)
+        if options.image_first and cond_frames is None and shape[1] > 1:
+            image_states, _ = self.encode_prompt(prompt, num_frames=1)
+            first = self._solve(image_states, (*shape[:1], 1, *shape[2:]), options, None, None)
+            clean, mask = self._clean_tokens(first, shape, num_cond=1, at_end=False)
+        else:
+            clean, mask = self._conditioning(cond_frames, shape, options.cond_position)
+        return self._solve(states, shape, options, clean, mask), expanded
+
+    def _solve(
+        self,
+        states: Tensor,
+        shape: tuple[int, int, int, int],
+        options: SampleOptions,
+        clean: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """Integrate the flow from seeded noise to normalised latents [C, F, h, w]."""
         grid = token_grid(shape[1:], self.patch)
         generator = torch.Generator().manual_seed(options.seed)
         noise = patchify(torch.randn(shape, generator=generator), self.patch)  # [N, P]
-        clean, mask = self._conditioning(cond_frames, shape, options.cond_position)
-        velocity = self._velocity_fn(grid, states, null_states, clean, mask, options.cfg_scale)
-        num_tokens = noise.shape[0]
+        velocity = self._velocity_fn(
+            grid, states, self._null_text(), clean, mask, options.cfg_scale
+        )
         shift = (
             options.shift
             if options.shift is not None
-            else float(flow.resolution_shift(torch.tensor(num_tokens)))
+            else float(flow.resolution_shift(torch.tensor(noise.shape[0])))
         )
         schedule = flow.sampling_schedule(options.steps, shift)
         keep = (
@@ -185,7 +213,7 @@ class VideoGenerator:
         tokens = flow.SAMPLERS[options.sampler](
             velocity, keep(noise) if keep else noise, schedule, 1, on_step=keep
         )
-        return unpatchify(tokens, grid, self.patch, shape[0]), expanded  # [C, F, h, w]
+        return unpatchify(tokens, grid, self.patch, shape[0])  # [C, F, h, w]
 
     def _null_text(self) -> Tensor:
         """States of the empty caption (the unconditional branch of CFG), encoded once."""
@@ -219,10 +247,16 @@ class VideoGenerator:
                 f"conditioning frames are {frames.shape[-2]}x{frames.shape[-3]}; they must match "
                 "the requested size"
             )
+        num_cond = min(latent.shape[1], shape[1] - 1)  # at least one frame is generated
+        return self._clean_tokens(latent, shape, num_cond, at_end=position == "end")
+
+    def _clean_tokens(
+        self, latent: Tensor, shape: tuple[int, ...], num_cond: int, at_end: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Tokens holding `num_cond` frames of `latent` [C, Fc, h, w] at the start or end of a
+        `shape` latent, and the mask of the tokens that stay clean (as in training)."""
         num_frames = shape[1]
-        num_cond = min(latent.shape[1], num_frames - 1)  # at least one frame is generated
-        at_end = position == "end"
-        frame_mask = frame_cond_mask(num_frames, num_cond, at_end)  # [F], as in training
+        frame_mask = frame_cond_mask(num_frames, num_cond, at_end)  # [F]
         full = torch.zeros(shape)
         if at_end:
             full[:, num_frames - num_cond :] = latent[:, latent.shape[1] - num_cond :]

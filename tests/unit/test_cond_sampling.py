@@ -99,3 +99,16 @@ def test_end_with_an_image_holds_it_still_for_the_last_latent(generator: VideoGe
 def test_bad_cond_position_is_refused() -> None:
     with pytest.raises(ValueError, match="cond_position"):
         SampleOptions(cond_position="middle")
+
+
+def test_image_first_samples_the_first_frame_as_an_image(generator: VideoGenerator) -> None:
+    """Factorised text-to-video: latent frame 0 is exactly the 1-frame sample of the same seed
+    (the image pass), and the later frames are generated conditioned on it."""
+    image, _ = generator.generate_latents("a red circle", SampleOptions(**{**OPTIONS, "frames": 1}))
+    video, _ = generator.generate_latents(
+        "a red circle", SampleOptions(**OPTIONS, image_first=True)
+    )
+    joint, _ = generator.generate_latents("a red circle", SampleOptions(**OPTIONS))
+    assert video.shape == joint.shape == (4, 4, 4, 4)
+    torch.testing.assert_close(video[:, :1], image, rtol=0, atol=0)
+    assert not torch.allclose(video[:, :1], joint[:, :1])
