@@ -45,6 +45,7 @@ def options_from(cfg: DictConfig, seed: int) -> SampleOptions:
         seed=seed,
         fps=cfg.fps,
         cond_position=cfg.get("cond_position", "start"),
+        image_first=bool(cfg.get("image_first", False)),
     )
 
 
