@@ -168,6 +168,13 @@ class DiTModule(L.LightningModule):
         if not self._step_skipped:
             self._update_ema()
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
+        """A step skipped for a non-finite loss is no schedule step either: the LR schedule
+        counts applied updates (data and noise still follow the global step)."""
+        if self._step_skipped:
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         """EMA with a warmup so early steps are not dominated by the random init."""

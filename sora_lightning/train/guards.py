@@ -6,11 +6,13 @@ This callback sees that decision (Lightning hands `on_train_batch_end` an empty 
 skipped step), which is the same on every rank, so every rank counts the same streak and takes
 the same action at the same step: nobody waits on a collective the others never enter.
 
-Rollback reloads the model (with its EMA) and the optimizer state from the newest verified
-checkpoint written before the streak began, in place, and training continues at the next step.
-The global step, the data position and the LR keep moving forward: batches, noise and the LR are
-functions of the global step, so the run skips the window of data that went bad (PaLM's recipe:
-restart from before the spike and skip the batches around it) instead of replaying it.
+Rollback reloads the model (with its EMA), the optimizer state and the LR schedule from the
+newest verified checkpoint written before the streak began, in place, and training continues at
+the next step.
+The global step and the data position keep moving forward: batches and noise are functions of
+the global step, so the run skips the window of data that went bad (PaLM's recipe: restart from
+before the spike and skip the batches around it) instead of replaying it. A skipped step is no
+schedule step (`DiTModule.lr_scheduler_step`): the LR schedule counts applied updates.
 
 `inject_at_steps` poisons the batch of those global steps with a NaN (on global rank 0 only, so
 the cross-rank decision is exercised too). It exists for tests and fire drills; leave it empty.
@@ -178,18 +180,16 @@ class NonFiniteGuard(L.Callback):
 
     @staticmethod
     def _load_in_place(trainer: L.Trainer, path: Path) -> None:
-        """Model + EMA + optimizer state from `path`; the LR stays the current step's (it is a function of it)."""
-        checkpoint = trainer.strategy.load_checkpoint(
-            path
-        )  # verified against its manifest, weights_only
-        lrs = [
-            [group["lr"] for group in optimizer.param_groups] for optimizer in trainer.optimizers
-        ]
+        """Model + EMA + optimizer state + LR schedule from `path` (verified, weights_only).
+
+        The schedule comes back too: it counts applied updates, and the rolled-back ones are undone.
+        """
+        checkpoint = trainer.strategy.load_checkpoint(path)
         trainer.strategy.load_model_state_dict(checkpoint, strict=True)
         trainer.strategy.load_optimizer_state_dict(checkpoint)
-        for optimizer, group_lrs in zip(trainer.optimizers, lrs, strict=True):
-            for group, lr in zip(optimizer.param_groups, group_lrs, strict=True):
-                group["lr"] = lr
+        states = checkpoint.get("lr_schedulers", [])
+        for config, state in zip(trainer.lr_scheduler_configs, states, strict=True):
+            config.scheduler.load_state_dict(state)
         for optimizer in trainer.optimizers:
             optimizer.zero_grad(set_to_none=True)
 

@@ -187,3 +187,12 @@ def test_dit_rollback_continues_from_the_last_good_weights_exactly(
     )
     assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
     assert a["optimizer_states"][0]["param_groups"] == b["optimizer_states"][0]["param_groups"]
+
+
+def test_dit_skipped_steps_do_not_advance_the_lr_schedule(dit_runs: dict[str, Path]) -> None:
+    """Reference run: steps 2-4 skipped, so step 5 trains at the LR of the 3rd applied update
+    (tiny curriculum: 1e-3), not at step 5's cosine-decayed 5.5e-4."""
+    lrs = dict(scalars(dit_runs["reference"], "train/lr"))
+    assert lrs[2] == lrs[3] == lrs[4] == lrs[5] == pytest.approx(1e-3)
+    rollback = dict(scalars(dit_runs["rollback"], "train/lr"))
+    assert rollback[5] == pytest.approx(1e-3)
