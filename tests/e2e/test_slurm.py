@@ -55,8 +55,8 @@ def sora_train(
 ) -> list[str]:
     """A 2-node, 1-task-per-node run of the tiny DiT on SLURM (ZeRO-3 unless told otherwise).
 
-    In-training sample videos are off: VideoSampleLogger samples on rank 0 alone, and under ZeRO-3
-    the EMA's partitions need every rank in the forward, so rank 0 waits forever at step 3.
+    In-training sample videos are off to keep the jobs short (under ZeRO-3 every rank joins their
+    forwards; tests/e2e/test_strategies.py covers that).
     """
     return [
         str(BIN / "sora-train"),
@@ -161,7 +161,9 @@ def test_merged_cache_equals_a_single_process_cache(pipeline_run: tuple[Path, fl
     command = shlex.split((run_dir / "slurm" / "cache-parts.sbatch").read_text().splitlines()[-1])
     command = command[command.index("--") + 1 : command.index("--num-parts")]
     command[command.index("--output") + 1] = str(single)
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=600)
+    # Same threads as the array tasks (cpus_per_task=1): oneDNN sums in a thread-dependent order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=600, env=env)
     assert (single / "meta.json").read_bytes() == (run_dir / "cache" / "meta.json").read_bytes()
 
 
@@ -344,15 +346,16 @@ def test_kill_9_of_one_rank_fails_fast_and_resubmit_resumes(
 ) -> None:
     run_dir = tmp_path / "killed"
     submitter = subprocess.Popen(
-        sora_train(run_dir, pipeline_run[0], "trainer.max_steps=200", strategy="ddp"),
+        sora_train(run_dir, pipeline_run[0], "trainer.max_steps=5000", strategy="ddp"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     job_id = job_id_of(run_dir)
+    # Any verified checkpoint: retention deletes old ones, so a fixed step may be gone already.
     wait_for(
-        lambda: (run_dir / "checkpoints" / "step=4.manifest.json").is_file(),
+        lambda: any((run_dir / "checkpoints").glob("step=*.manifest.json")),
         300,
         "a verified checkpoint",
     )
