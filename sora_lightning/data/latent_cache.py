@@ -157,7 +157,6 @@ class _ShardSink:
             self.sq_sums = squares if self.sq_sums is None else self.sq_sums + squares
             self.count += flat.shape[1]
             self.written += 1
-        encoded.clear()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -191,6 +190,7 @@ def _encode_shard(
                 continue
             if len(pending) >= TEXT_BATCH:
                 sink.write(pending, encoder)
+                pending = []
         sink.write(pending, encoder)
     finally:
         sink.close()

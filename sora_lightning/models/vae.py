@@ -157,7 +157,8 @@ class FrameConv3d(nn.Conv3d):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, T, H, W] -> [B, C', T', H', W'], exactly `nn.Conv3d.forward`'s function."""
-        if x.is_cuda or x.shape[0] > 1 or self.groups != 1 or self.dilation != (1, 1, 1):
+        native = x.is_cuda or x.shape[0] > 1 or self.padding[0] != 0
+        if native or self.groups != 1 or self.dilation != (1, 1, 1) or self.padding_mode != "zeros":
             return super().forward(x)
         return conv3d_via_conv2d(x, self.weight, self.bias, self.stride, self.padding)
 

@@ -242,6 +242,14 @@ def parallelize_module(
         log.info("FSDP2: sharded %d DiT blocks over %d ranks", len(dit.blocks), mesh.size())
 
 
+def parameters_are_sharded(module: nn.Module) -> bool:
+    """True when `module`'s parameters are split over ranks (ZeRO-3 partitions, FSDP2 DTensors).
+
+    Then a forward is a collective: every rank has to run it, not only the one that logs.
+    """
+    return any(hasattr(p, "ds_tensor") or hasattr(p, "to_local") for p in module.parameters())
+
+
 def local_numel(module: nn.Module) -> int:
     """Parameter elements this rank actually stores (ZeRO-3 partitions, FSDP2 local shards)."""
     total = 0

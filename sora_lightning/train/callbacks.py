@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 
+from sora_lightning.parallel.strategies import parameters_are_sharded
+
 log = logging.getLogger(__name__)
 
 
@@ -100,18 +102,6 @@ def gif_summary(tag: str, frames: np.ndarray, fps: int) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
-def ema_is_sharded(module: torch.nn.Module) -> bool:
-    """True when `module`'s parameters are split over ranks (DeepSpeed ZeRO-3 or FSDP2 DTensors).
-
-    Then a forward is a collective: every rank has to run it, not just the one that logs.
-    """
-    from torch.distributed.tensor import DTensor
-
-    return any(
-        hasattr(param, "ds_tensor") or isinstance(param, DTensor) for param in module.parameters()
-    )
-
-
 class VideoSampleLogger(L.Callback):
     """Every N steps, samples fixed prompts with the EMA weights and logs them as playable videos."""
 
@@ -144,7 +134,7 @@ class VideoSampleLogger(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step % self.every_n_steps:
             return
-        sharded = ema_is_sharded(pl_module.ema)
+        sharded = parameters_are_sharded(pl_module.ema)
         if not (trainer.is_global_zero or sharded):
             return
         self.log_samples(trainer, pl_module, step)
