@@ -77,6 +77,11 @@ class DiTConfig:
     """"auto", "flash" (flash-attn varlen, CUDA) or "sdpa" (per-sample PyTorch SDPA)."""
     rope_theta: float = 10000.0
     """Base of the 3D rotary frequencies."""
+    pooled_text: bool = False
+    """Also add the caption's mean-pooled states, through an MLP, to the timestep embedding
+    (SD3's pooled vector): every block's adaLN then sees the whole caption at once, a global
+    path that global attributes (colour, shape, direction) learn through far sooner than through
+    cross-attention alone. Off by default so checkpoints saved without it still load."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML gives a list
@@ -162,6 +167,17 @@ class PackedLayout(NamedTuple):
 
 def _max_length(cu_seqlens: Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def mean_per_segment(tokens: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Packed [S, Dt] with [B+1] offsets -> [B, Dt] mean of each segment (0 for an empty one).
+
+    The mean over a caption's token states is how MiniLM-style encoders pool a sentence.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(tokens.dtype)  # [B]
+    index = cu_to_sample_index(cu_seqlens)  # [S]
+    sums = tokens.new_zeros(lengths.numel(), tokens.shape[1]).index_add_(0, index, tokens)
+    return sums / lengths.clamp(min=1)[:, None]  # [B, Dt]
 
 
 def per_token(values: Tensor, sample_index: Tensor) -> Tensor:
@@ -297,6 +313,11 @@ class DiT(nn.Module):
             nn.Linear(cfg.text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden)
         )
         self.time_embed = TimestepEmbedder(hidden, TIME_FREQUENCY_DIM)
+        self.pooled_text_embed = (
+            nn.Sequential(nn.Linear(cfg.text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            if cfg.pooled_text
+            else None
+        )
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, NUM_MODULATIONS * hidden))
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -324,7 +345,9 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm | TimestepEmbedder):
                 module.reset_parameters()
-        for layer in (self.text_embed[0], self.text_embed[2]):
+        pooled = self.pooled_text_embed
+        pooled_layers = () if pooled is None else (pooled[0], pooled[2])
+        for layer in (self.text_embed[0], self.text_embed[2], *pooled_layers):
             nn.init.normal_(layer.weight, std=0.02)
         zero_init = [self.time_modulation[1], self.final_layer.linear]
         for tensor in [p for m in zero_init for p in m.parameters()] + [
@@ -356,6 +379,9 @@ class DiT(nn.Module):
         tokens = self.patch_embed(self._embed_inputs(*local))  # [L_local, D]
         context = self.text_embed(text)  # [S, D]
         time_emb = self.time_embed(timesteps)  # [B, D]
+        if self.pooled_text_embed is not None:
+            pooled = mean_per_segment(text, text_cu_seqlens)  # [B, Dt]
+            time_emb = time_emb + self.pooled_text_embed(pooled.to(time_emb.dtype))  # [B, D]
         time_mod = self.time_modulation(time_emb).unflatten(1, (NUM_MODULATIONS, -1))  # [B, 6, D]
         for block in self.blocks:
             tokens = self._run_block(block, tokens, context, time_mod, layout)  # [L_local, D]

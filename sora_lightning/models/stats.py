@@ -43,6 +43,8 @@ def count_params(cfg: DiTConfig) -> int:
         + _linear_params(hidden, hidden)
         + _linear_params(hidden, NUM_MODULATIONS * hidden)
     )
+    if cfg.pooled_text:
+        embeddings += _linear_params(cfg.text_dim, hidden) + _linear_params(hidden, hidden)
     final = 2 * hidden + _linear_params(hidden, cfg.patch_dim)
     return embeddings + cfg.depth * _block_params(cfg) + final
 
@@ -72,6 +74,11 @@ def dit_forward_flops(
         + _matmul_flops(batch, hidden, hidden)
         + _matmul_flops(batch, hidden, NUM_MODULATIONS * hidden)
     )
+    if cfg.pooled_text:
+        pooled_mlp = _matmul_flops(batch, cfg.text_dim, hidden) + _matmul_flops(
+            batch, hidden, hidden
+        )
+        embeddings += pooled_mlp
     block_linear = (
         _matmul_flops(tokens, hidden, 3 * hidden)  # self-attention qkv
         + 2 * _matmul_flops(tokens, hidden, hidden)  # self-attention out, cross-attention q

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.models.dit import DiT, DiTConfig, mean_per_segment
 from sora_lightning.models.patches import seqlens_to_cu
 from sora_lightning.models.stats import count_params
 
@@ -193,3 +193,33 @@ def test_meta_model_materializes_and_initializes(tiny_cfg: DiTConfig) -> None:
     assert all(p.isfinite().all() for p in model.parameters())
     assert torch.count_nonzero(model(**make_batch(tiny_cfg))) == 0
     assert model.blocks[0].self_attn.qkv.weight.std() > 0  # really initialised, not left empty
+
+
+def test_mean_per_segment_matches_per_caption_means() -> None:
+    tokens = torch.randn(9, 4, dtype=torch.float64)
+    pooled = mean_per_segment(tokens, seqlens_to_cu([2, 0, 7]))
+    expected = torch.stack(
+        [tokens[:2].mean(0), torch.zeros(4, dtype=torch.float64), tokens[2:].mean(0)]
+    )
+    torch.testing.assert_close(pooled, expected, atol=1e-12, rtol=0)
+
+
+def test_pooled_text_reaches_output_without_cross_attention(tiny_cfg: DiTConfig) -> None:
+    """The pooled path alone carries the caption: cut cross-attention and text still matters."""
+    model = perturbed_model(tiny_cfg).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.cross_attn.proj.weight.zero_()
+            block.cross_attn.proj.bias.zero_()
+    batch = make_batch(tiny_cfg)
+    other = dict(batch, text=batch["text"] + 1.0)
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch), model(**other))
+        model.pooled_text_embed = None  # the same model without its pooled path ignores text
+        torch.testing.assert_close(model(**batch), model(**other), atol=0, rtol=0)
+
+
+def test_config_without_pooled_text_loads_old_checkpoints() -> None:
+    """dit.json files written before `pooled_text` existed build the model they were saved from."""
+    cfg = DiTConfig(hidden_size=64, depth=2, num_heads=4)
+    assert not cfg.pooled_text and DiT(cfg).pooled_text_embed is None
