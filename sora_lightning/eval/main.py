@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import hydra
@@ -15,24 +16,15 @@ from sora_lightning.utils import write_json_atomic
 
 def run_eval(cfg: DictConfig) -> dict:
     """Write `eval.json` with accuracies, the detector's accuracy on truth, and chance levels."""
+
+    settings = SampleOptions.from_config(cfg, seed=0)  # rejects bad sizes before any work
     generator = load_generator(cfg.ckpt)
 
     def generate(prompt: str, seed: int):
-        options = SampleOptions(
-            frames=cfg.frames,
-            height=cfg.height,
-            width=cfg.width,
-            steps=cfg.steps,
-            cfg_scale=cfg.cfg_scale,
-            sampler=cfg.sampler,
-            seed=seed,
-        )
-        return generator.generate(prompt, options).frames
+        return generator.generate(prompt, replace(settings, seed=seed)).frames
 
     scores = evaluate(generate, num_seeds=cfg.num_seeds, truth_clips=cfg.truth_clips)
-    scores["settings"] = {
-        k: cfg[k] for k in ("frames", "height", "width", "steps", "cfg_scale", "sampler")
-    }
+    scores["settings"] = {k: v for k, v in asdict(settings).items() if k != "seed"}
     write_json_atomic(Path(cfg.out_dir) / "eval.json", scores)
     print(
         {

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,15 @@ class SampleOptions:
     """Factorised text-to-video (Emu Video): sample the first frame as an image from the image
     form of the prompt, then the video conditioned on it, as in image-to-video. Only when no
     frames are given."""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], seed: int) -> SampleOptions:
+        """The options a Hydra config names (sample.yaml, eval.yaml); missing keys keep defaults.
+
+        One reader for every entry point, so sampling and evaluation cannot drift apart.
+        """
+        given = {f.name: cfg[f.name] for f in fields(cls) if f.name != "seed" and f.name in cfg}
+        return cls(**given, seed=seed)
 
     def __post_init__(self) -> None:
         if self.cond_position not in COND_POSITIONS:

@@ -33,27 +33,11 @@ def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None
     return decode_image(data) if image else decode_video(data)[0]
 
 
-def options_from(cfg: DictConfig, seed: int) -> SampleOptions:
-    return SampleOptions(
-        frames=cfg.frames,
-        height=cfg.height,
-        width=cfg.width,
-        steps=cfg.steps,
-        cfg_scale=cfg.cfg_scale,
-        sampler=cfg.sampler,
-        shift=cfg.shift,
-        seed=seed,
-        fps=cfg.fps,
-        cond_position=cfg.get("cond_position", "start"),
-        image_first=bool(cfg.get("image_first", False)),
-    )
-
-
 def sample(cfg: DictConfig) -> list[Path]:
     """Generate every requested prompt; returns the written mp4 paths."""
     if not cfg.prompt and not cfg.prompts:
         raise ValueError('nothing to sample: pass prompt="..." or prompts=[...]')
-    options_from(cfg, cfg.seed)  # validate sizes before loading anything
+    SampleOptions.from_config(cfg, cfg.seed)  # validate sizes before loading anything
     generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
     cond = read_conditioning(cfg.image, cfg.video)
     jobs = (
@@ -63,7 +47,9 @@ def sample(cfg: DictConfig) -> list[Path]:
     )
     written = []
     for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
-        video = generator.generate(prompt, options_from(cfg, cfg.seed), cond_frames=cond)
+        video = generator.generate(
+            prompt, SampleOptions.from_config(cfg, cfg.seed), cond_frames=cond
+        )
         written.append(write_mp4(path, video, cfg.fps))
         print(f"{path}: {prompt!r} -> {video.expanded_prompt!r}")
     return written

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sora_lightning.sample.generate import SampleOptions
 from sora_lightning.train.main import CONF_DIR, validate
 
 GROUPS = [
@@ -71,3 +72,16 @@ def test_all_yaml_files_are_covered() -> None:
     covered = {CONF_DIR / f"{n}.yaml" for n in ("train", "pipeline", "sample", "eval")}
     covered |= {CONF_DIR / g / f"{o}.yaml" for g in GROUPS for o in options(g)}
     assert set(Path(CONF_DIR).rglob("*.yaml")) <= covered
+
+
+@pytest.mark.parametrize("name", ["sample", "eval"])
+def test_sampling_entry_points_read_their_options_the_same_way(name: str) -> None:
+    """sora-sample and sora-eval build SampleOptions through one reader; unset keys keep defaults."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=["ckpt=x", "frames=9", "shift=3.0"])
+    options = SampleOptions.from_config(cfg, seed=7)
+    assert (options.frames, options.shift, options.seed) == (9, 3.0, 7)
+    assert options.cfg_scale == cfg.cfg_scale and options.sampler == cfg.sampler
+    assert SampleOptions.from_config({"steps": 3}, seed=0) == SampleOptions(steps=3)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        SampleOptions.from_config({"frames": 8}, seed=0)
