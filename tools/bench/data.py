@@ -15,7 +15,11 @@ PyAV; then shards it with `tools/make_shards.py`'s ingest and measures:
 - `loader_vs_decode_ratio`: samples/s delivered by the streaming VAE loader (tar read, PyAV
   decode of the needed frames, resize under the area cap, crop, batch), per worker, over
   samples/s of bare PyAV decoding of exactly the same frames of the same samples in the same
-  order. 1.0 means the loader adds nothing on top of decoding. Bare decoding here is
+  order, in one decoder thread as each loader worker decodes (workers are the loader's
+  parallelism; FFmpeg threads inside a worker would contend with the training process).
+  1.0 means the loader adds nothing on top of decoding. `loader_vs_ffmpeg_threads_decode_ratio`
+  compares against bare decoding with PyAV's default threads on every core instead (a single
+  decode's best wall clock, not a per-worker figure). Bare decoding here is
   `frame.to_ndarray(format="rgb24")`, which builds a swscale context per frame; the loader reuses
   one per clip and lets swscale resize. `loader_vs_reused_sws_decode_ratio` compares against bare
   decoding that reuses one context too (the stricter reference).
@@ -201,22 +205,25 @@ def loader_speed(shards: list[str], args: argparse.Namespace) -> dict[str, float
     count = sum(int(batch.shape[0]) for batch in batches)
     loader_sps = count / (time.perf_counter() - start) / max(1, args.workers)
     jobs = _same_frames(data, crops, args)
-    raw_sps = _decode_rate(jobs, reuse_context=False)
-    reused_sps = _decode_rate(jobs, reuse_context=True)
+    raw_sps = _decode_rate(jobs, reuse_context=False, threads=1)
+    reused_sps = _decode_rate(jobs, reuse_context=True, threads=1)
+    threaded_sps = _decode_rate(jobs, reuse_context=False, threads=0)
     return {
         "loader_samples_per_s_per_worker": loader_sps,
         "raw_decode_samples_per_s": raw_sps,
         "loader_vs_decode_ratio": loader_sps / raw_sps,
         "raw_decode_reused_sws_samples_per_s": reused_sps,
         "loader_vs_reused_sws_decode_ratio": loader_sps / reused_sps,
+        "raw_decode_ffmpeg_threads_samples_per_s": threaded_sps,
+        "loader_vs_ffmpeg_threads_decode_ratio": loader_sps / threaded_sps,
     }
 
 
-def _decode_rate(jobs: list, *, reuse_context: bool) -> float:
+def _decode_rate(jobs: list, *, reuse_context: bool, threads: int) -> float:
     """Samples/s of `_bare_decode` over the jobs."""
     start = time.perf_counter()
     for media, wanted in jobs:
-        _bare_decode(media, wanted, reuse_context=reuse_context)
+        _bare_decode(media, wanted, reuse_context=reuse_context, threads=threads)
     return len(jobs) / (time.perf_counter() - start)
 
 
@@ -240,19 +247,26 @@ def _same_frames(data: StreamingStepDataset, crops: VAECrops, args: argparse.Nam
     return jobs
 
 
-def _bare_decode(media: bytes, wanted: set[int], *, reuse_context: bool = False) -> list:
+def _bare_decode(
+    media: bytes, wanted: set[int], *, reuse_context: bool = False, threads: int = 1
+) -> list:
     """PyAV only: demux and decode up to the last wanted frame, RGB-convert the wanted ones.
 
     `reuse_context=False` is plain `frame.to_ndarray` (a new swscale context per frame, the
     reference of `loader_vs_decode_ratio`); True converts through one reused context, the
-    stricter reference the loader itself uses.
+    stricter reference the loader itself uses. `threads` is FFmpeg's decoder thread count: 1 is
+    what one loader worker gets (workers are the loader's parallelism), 0 keeps PyAV's defaults,
+    which use every core for this one decode.
     """
     import io
 
     out = []
     reformatter = VideoReformatter()
     with av.open(io.BytesIO(media)) as container:
-        for index, frame in enumerate(container.decode(video=0)):
+        stream = container.streams.video[0]
+        if threads:  # 0 keeps PyAV's defaults (slice threads on every core)
+            stream.codec_context.thread_count = threads
+        for index, frame in enumerate(container.decode(stream)):
             if index in wanted and reuse_context:
                 out.append(reformatter.reformat(frame, format="rgb24").to_ndarray())
             elif index in wanted:
