@@ -85,3 +85,13 @@ def test_sampling_entry_points_read_their_options_the_same_way(name: str) -> Non
     assert SampleOptions.from_config({"steps": 3}, seed=0) == SampleOptions(steps=3)
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         SampleOptions.from_config({"frames": 8}, seed=0)
+
+
+def test_training_timestep_config_names_flow_config_fields() -> None:
+    """dit_train.flow reaches DiTModule as FlowConfig(**flow): every key must be a field."""
+    from sora_lightning.train.dit_module import FlowConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "dit_train.flow.logit_mean=-0.5"])
+    flow = FlowConfig(**OmegaConf.to_container(cfg.dit_train.flow))
+    assert flow.logit_mean == -0.5 and flow == FlowConfig(logit_mean=-0.5)
