@@ -9,18 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sora_lightning.data.decode import decode_image, decode_video
+from sora_lightning.data.decode import decode_video
 from sora_lightning.data.resize import FitFrame, fit_resolution, resize_frames
 from sora_lightning.data.shards import RawSample
 
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp"})
-
-
-def decode_sample(sample: RawSample) -> tuple[np.ndarray, float]:
-    """Decode a shard sample's media to uint8 frames [T, H, W, 3] and its fps (0 for images)."""
-    if sample.media_ext in IMAGE_EXTS:
-        return decode_image(sample.media), 0.0
-    return decode_video(sample.media)
 
 
 def decode_fitted(
@@ -28,7 +21,7 @@ def decode_fitted(
 ) -> np.ndarray:
     """A sample's frames (all, or `frame_indices`; an image has frame 0), already fitted.
 
-    Same sizes as `fit_clip(decode_sample(sample)[0], ...)`, but FFmpeg resizes while converting
+    Same sizes as `fit_clip` on the decoded frames, but FFmpeg resizes while converting
     from YUV, only the asked frames, so no full-size RGB copy is made (the VAE loaders' path).
     Decoding and resizing stay in the calling thread: the loaders run in DataLoader workers,
     which decode clips in parallel, and FFmpeg's own threads cost more than they save on clips

@@ -24,8 +24,9 @@ import webdataset as wds
 from torch import Tensor
 from tqdm import tqdm
 
-from sora_lightning.data.clips import decode_sample, fit_clip, to_model_range, valid_length
-from sora_lightning.data.decode import MediaError
+from sora_lightning.data.clips import to_model_range, valid_length
+from sora_lightning.data.decode import MediaError, decode_video
+from sora_lightning.data.resize import FitFrame
 from sora_lightning.data.shards import BadSampleCounter, RawSample, iter_shard_samples
 from sora_lightning.models.text import TextEncoder
 from sora_lightning.models.vae import VideoVAE
@@ -38,6 +39,9 @@ PART_META = "meta.part-{part:03d}.json"
 """What one array task (`--num-parts/--part`) records for `merge_cache_parts`."""
 
 
+CACHE_RESIZES = ("ffmpeg_bilinear",)
+
+
 @dataclass
 class CacheSettings:
     """Preprocessing that changes the cached tensors; part of the cache key."""
@@ -48,12 +52,18 @@ class CacheSettings:
     """Sides rounded to this (VAE spatial factor x DiT patch size)."""
     max_frames: int = 33
     """Longest clip cached (1 + 4k); shorter stages use causal prefixes of its latents."""
+    resize: str = "ffmpeg_bilinear"
+    """How frames are fitted: FFmpeg's bilinear scale while converting from YUV, as the VAE
+    loaders do (`clips.decode_fitted`), so the DiT sees latents of the pixels the VAE was
+    trained on. Caches made before this field (torch area resize) get another key."""
 
     def __post_init__(self) -> None:
         if self.max_area < self.multiple**2 or (self.max_frames - 1) % 4:
             raise ValueError(
                 "cache settings: max_area must hold one multiple^2 tile and max_frames be 1 + 4k"
             )
+        if self.resize not in CACHE_RESIZES:
+            raise ValueError(f"cache settings: resize must be one of {CACHE_RESIZES}")
 
 
 @dataclass
@@ -97,9 +107,9 @@ class _Encoded:
 @torch.no_grad()
 def _encode_media(sample: RawSample, vae: VideoVAE, settings: CacheSettings) -> _Encoded:
     """Decode, fit and VAE-encode one sample (its captions are encoded later, batched)."""
-    frames, fps = decode_sample(sample)
+    fit = FitFrame(max_area=settings.max_area, multiple=settings.multiple)
+    frames, fps = decode_video(sample.media, convert=fit)  # an image decodes as one frame
     frames = frames[: valid_length(len(frames), vae.config.temporal_factor, settings.max_frames)]
-    frames = fit_clip(frames, max_area=settings.max_area, multiple=settings.multiple)
     video = to_model_range(frames).unsqueeze(0)
     latent = vae.encode(video).mode()[0].float()
     captions = sample.meta.get("captions") or {"detailed": sample.meta["caption"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sora_lightning.data.clips import decode_fitted, to_model_range, valid_length
 from sora_lightning.data.ingest import shards_from_world
 from sora_lightning.data.latent_cache import (
     CacheSettings,
@@ -16,6 +17,7 @@ from sora_lightning.data.latent_cache import (
     write_cache,
     write_cache_part,
 )
+from sora_lightning.data.shards import load_samples
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig
 from sora_lightning.models.vae import VAEConfig, VideoVAE
 from sora_lightning.utils import state_dict_hash
@@ -87,3 +89,27 @@ def test_merge_names_missing_parts(tmp_path) -> None:
     write_cache_part(shards, tmp_path / "c", vae, text, SETTINGS, num_parts=3, part=0)
     with pytest.raises(FileNotFoundError, match=r"rerun the --part tasks \[1, 2\]"):
         merge_cache_parts(tmp_path / "c")
+
+
+def test_cache_encodes_the_pixels_the_vae_loaders_see(tmp_path) -> None:
+    """World clips (64x48) exceed max_area 1024 and get resized: the cache fits them with the
+    VAE loaders' FFmpeg path (`decode_fitted`), so the DiT trains on latents of those pixels."""
+    shards_from_world(
+        tmp_path / "shards", num_clips=2, num_images=1, seed=0, max_count=10, progress=False
+    )
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    vae, text = tiny_vae().eval(), TextEncoder(TextEncoderConfig(max_length=48))
+    meta = write_cache(shards, tmp_path / "cache", vae, text, SETTINGS)
+    assert meta["settings"]["resize"] == "ffmpeg_bilinear"
+    raw = {sample.key: sample for sample in load_samples(shards)}
+    cached, _, _ = load_cache(tmp_path / "cache", meta["key"])
+    for sample in cached:
+        source = raw[sample.key]
+        length = valid_length(int(source.meta["frames"]), 4, SETTINGS.max_frames)
+        frames = decode_fitted(
+            source, max_area=SETTINGS.max_area, multiple=8, frame_indices=list(range(length))
+        )
+        assert frames.shape[1] * frames.shape[2] <= SETTINGS.max_area < 64 * 48
+        with torch.no_grad():
+            want = vae.encode(to_model_range(frames).unsqueeze(0)).mode()[0]
+        torch.testing.assert_close(sample.latent, want, atol=1e-5, rtol=1e-5)
