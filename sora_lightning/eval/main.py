@@ -16,7 +16,6 @@ from sora_lightning.utils import write_json_atomic
 
 def run_eval(cfg: DictConfig) -> dict:
     """Write `eval.json` with accuracies, the detector's accuracy on truth, and chance levels."""
-
     settings = SampleOptions.from_config(cfg, seed=0)  # rejects bad sizes before any work
     generator = load_generator(cfg.ckpt)
 
