@@ -37,7 +37,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     """Generate every requested prompt; returns the written mp4 paths."""
     if not cfg.prompt and not cfg.prompts:
         raise ValueError('nothing to sample: pass prompt="..." or prompts=[...]')
-    SampleOptions.from_config(cfg, cfg.seed)  # validate sizes before loading anything
+    options = SampleOptions.from_config(cfg, cfg.seed)  # sizes checked before loading anything
     generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
     cond = read_conditioning(cfg.image, cfg.video)
     jobs = (
@@ -47,9 +47,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     )
     written = []
     for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
-        video = generator.generate(
-            prompt, SampleOptions.from_config(cfg, cfg.seed), cond_frames=cond
-        )
+        video = generator.generate(prompt, options, cond_frames=cond)
         written.append(write_mp4(path, video, cfg.fps))
         print(f"{path}: {prompt!r} -> {video.expanded_prompt!r}")
     return written
