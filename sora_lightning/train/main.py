@@ -242,7 +242,7 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         config_to_dict(dit_cfg),
         curriculum.to_dict(),
         seed=cfg.seed,
-        flow_cfg=OmegaConf.to_container(hp.flow, resolve=True) if "flow" in hp else None,
+        flow_cfg=OmegaConf.to_container(hp.flow, resolve=True),
         weight_decay=hp.weight_decay,
         ema_decay=hp.ema_decay,
         meta=meta,
