@@ -25,7 +25,7 @@ from torch import Tensor
 _CHUNK_FRAMES = 16
 """Frames resized at once: bounds the float32 working copy of long, large videos."""
 
-_ONE_SWS_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+ONE_SWS_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 """`reformat` keyword for a single-threaded swscale. PyAV 17 made swscale slice-threaded by
 default; on frames this small the threads cost about half as much CPU again as the scaling
 itself (same pixels). Older PyAV has no such keyword and scales in one thread anyway."""
@@ -112,7 +112,7 @@ class FitFrame:
         width, height = fit_resolution(src_w, src_h, max_area=self.max_area, multiple=self.multiple)
         cover_w, cover_h = _cover_size(src_w, src_h, width, height)
         if (cover_w, cover_h) == (src_w, src_h):
-            rgb = reformatter.reformat(frame, format="rgb24", **_ONE_SWS_THREAD).to_ndarray()
+            rgb = reformatter.reformat(frame, format="rgb24", **ONE_SWS_THREAD).to_ndarray()
         else:
             rgb = reformatter.reformat(
                 frame,
@@ -120,7 +120,7 @@ class FitFrame:
                 height=cover_h,
                 format="rgb24",
                 interpolation="BILINEAR",
-                **_ONE_SWS_THREAD,
+                **ONE_SWS_THREAD,
             ).to_ndarray()  # cover_h cover_w 3
         top, left = (cover_h - height) // 2, (cover_w - width) // 2
         return rgb[top : top + height, left : left + width]

@@ -45,7 +45,7 @@ from sora_lightning.data.datamodule import VAECrops, step_rng
 from sora_lightning.data.decode import encode_mp4
 from sora_lightning.data.ingest import shards_from_manifest
 from sora_lightning.data.packing import plan_buckets, plan_packs, stream_packs
-from sora_lightning.data.resize import fit_resolution
+from sora_lightning.data.resize import ONE_SWS_THREAD, fit_resolution
 from sora_lightning.data.shards import load_samples
 from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
 
@@ -255,8 +255,9 @@ def _bare_decode(
     `reuse_context=False` is plain `frame.to_ndarray` (a new swscale context per frame, the
     reference of `loader_vs_decode_ratio`); True converts through one reused context, the
     stricter reference the loader itself uses. `threads` is FFmpeg's decoder thread count: 1 is
-    what one loader worker gets (workers are the loader's parallelism), 0 keeps PyAV's defaults,
-    which use every core for this one decode.
+    what one loader worker gets (workers are the loader's parallelism), and its RGB conversion
+    then runs in one thread too, as the loader's does; 0 keeps PyAV's defaults, which use every
+    core for this one decode.
     """
     import io
 
@@ -264,13 +265,14 @@ def _bare_decode(
     reformatter = VideoReformatter()
     with av.open(io.BytesIO(media)) as container:
         stream = container.streams.video[0]
+        sws = ONE_SWS_THREAD if threads == 1 else {}  # {}: PyAV's defaults
         if threads:  # 0 keeps PyAV's defaults (slice threads on every core)
             stream.codec_context.thread_count = threads
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted and reuse_context:
-                out.append(reformatter.reformat(frame, format="rgb24").to_ndarray())
+                out.append(reformatter.reformat(frame, format="rgb24", **sws).to_ndarray())
             elif index in wanted:
-                out.append(frame.to_ndarray(format="rgb24"))
+                out.append(frame.to_ndarray(format="rgb24", **sws))
             if index >= max(wanted):
                 break
     return out
