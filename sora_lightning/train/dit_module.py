@@ -35,6 +35,23 @@ class FlowConfig:
     resolution_shift: bool = True
     """Shift t by each sample's token count when the stage sets no fixed shift."""
 
+    def __post_init__(self) -> None:
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+
+    @classmethod
+    def from_config(cls, values: dict[str, Any] | None) -> FlowConfig:
+        """Build from `dit_train.flow`; an unknown key is a ValueError listing the valid ones
+        (a bare TypeError would not say which config node holds it)."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"dit_train.flow has unknown keys {unknown}; valid keys: "
+                f"{sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**values)
+
 
 def noise_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """A generator owned by one training step on one data rank (resume needs no saved RNG state)."""
@@ -64,7 +81,7 @@ class DiTModule(L.LightningModule):
         self.dit = DiT(self.dit_config)
         self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
         self.curriculum = Curriculum(**curriculum)
-        self.flow_cfg = FlowConfig(**(flow_cfg or {}))
+        self.flow_cfg = FlowConfig.from_config(flow_cfg)
         self._step_skipped = False
         self._parallelized = False
         self._sequence_groups: dict[int, SequenceSharding] = {}

@@ -39,7 +39,7 @@ from sora_lightning.train.checkpoint import (
     resolve_resume,
     verify_checkpoint,
 )
-from sora_lightning.train.dit_module import DiTModule
+from sora_lightning.train.dit_module import DiTModule, FlowConfig
 from sora_lightning.train.guards import guard_from_config
 from sora_lightning.train.vae_module import VAEModule
 from sora_lightning.train.weights import config_to_dict, load_vae, save_module
@@ -62,6 +62,10 @@ def validate(cfg: DictConfig) -> None:
                 raise ValueError(
                     f"task=dit needs data.{key}; run the pipeline's earlier steps or set it"
                 )
+        try:
+            FlowConfig.from_config(OmegaConf.to_container(cfg.dit_train.flow, resolve=True))
+        except ValueError as error:
+            raise ValueError(f"bad config at `dit_train.flow`: {error}") from error
     for key in ("curriculum", "model.dit", "model.vae", "model.text"):
         _check_node(cfg, key)
 

@@ -95,3 +95,19 @@ def test_training_timestep_config_names_flow_config_fields() -> None:
         cfg = compose("train", overrides=["experiment=demo", "dit_train.flow.logit_mean=-0.5"])
     flow = FlowConfig(**OmegaConf.to_container(cfg.dit_train.flow))
     assert flow.logit_mean == -0.5 and flow == FlowConfig(logit_mean=-0.5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+dit_train.flow.logit_mena=-0.5", "logit_mena"),
+        ("dit_train.flow.logit_std=0", "logit_std"),
+    ],
+)
+def test_bad_flow_config_rejected_at_validation(override: str, message: str) -> None:
+    """A typo under dit_train.flow fails before any model or data loads, naming the node."""
+    overrides = ["task=dit", "data.cache_dir=c", "data.vae_dir=v", override]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ValueError, match=f"dit_train.flow.*{message}"):
+        validate(cfg)
