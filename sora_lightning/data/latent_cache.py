@@ -249,9 +249,9 @@ def _identity(vae: VideoVAE, encoder: TextEncoder, settings: CacheSettings) -> d
     """The fields of meta.json that name the weights and settings (the cache key among them)."""
     vae_hash = state_dict_hash(vae.state_dict())
     return {
-        "key": cache_key(vae_hash, encoder.weights_hash(), settings),
+        "key": cache_key(vae_hash, encoder.states_hash(), settings),
         "vae_hash": vae_hash,
-        "text_hash": encoder.weights_hash(),
+        "text_hash": encoder.states_hash(),
         "settings": asdict(settings),
     }
 
@@ -443,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-path", default=None, help="local Hugging Face encoder (default: MiniLM package)"
     )
     parser.add_argument("--text-max-length", type=int, default=64)
+    parser.add_argument(
+        "--text-layers",
+        default="-1",
+        help="comma-separated hidden-state indices concatenated (model.text.layers), e.g. 0,-1",
+    )
     parser.add_argument("--max-area", type=int, default=CacheSettings.max_area)
     parser.add_argument("--multiple", type=int, default=CacheSettings.multiple)
     parser.add_argument("--max-frames", type=int, default=CacheSettings.max_frames)
@@ -497,7 +502,10 @@ def main(argv: list[str] | None = None) -> None:
             f"no shard matches {args.shards}; write shards first (tools/make_shards.py)"
         )
     settings = CacheSettings(args.max_area, args.multiple, args.max_frames)
-    encoder = TextEncoder(TextEncoderConfig(path=args.text_path, max_length=args.text_max_length))
+    layers = tuple(int(layer) for layer in args.text_layers.split(","))
+    encoder = TextEncoder(
+        TextEncoderConfig(path=args.text_path, max_length=args.text_max_length, layers=layers)
+    )
     vae = load_vae(args.vae_dir)
     if part is not None:
         record = write_cache_part(

@@ -37,8 +37,20 @@ class TextEncoderConfig:
     """Tokens per caption (special tokens included); longer captions are cut and counted."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16 (states are returned as float32)."""
+    layers: tuple[int, ...] = (-1,)
+    """Hidden states concatenated along features: -1 the last layer, 0 the token embeddings.
+    Why: which layer to read is a per-encoder choice (penultimate CLIP, deep LLM layers), and a
+    sentence encoder's last layer barely separates antonyms: in MiniLM's, "left" and "right" in a
+    caption differ 3x less than two colours, in its embedding layer equally. More than one layer
+    widens the states: the DiT's text_dim must be hidden size x len(layers)."""
 
     def __post_init__(self) -> None:
+        self.layers = tuple(int(layer) for layer in self.layers)
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(
+                f"TextEncoderConfig.layers must be a non-empty list of distinct hidden-state "
+                f"indices, got {list(self.layers)}"
+            )
         if self.max_length < 2:
             raise ValueError(f"TextEncoderConfig.max_length must be >= 2, got {self.max_length}")
         if self.dtype not in _DTYPES:
@@ -91,9 +103,10 @@ class TextEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """D, the width of the states (384 for MiniLM)."""
+        """D, the width of the states: the encoder's hidden size (384 for MiniLM) x len(layers)."""
         model_config = self.model.config
-        return int(getattr(model_config, "hidden_size", None) or model_config.d_model)
+        width = int(getattr(model_config, "hidden_size", None) or model_config.d_model)
+        return width * len(self.config.layers)
 
     def train(self, mode: bool = True) -> TextEncoder:
         """Stay in eval mode whatever the caller asks: dropout would make captions noisy."""
@@ -115,9 +128,29 @@ class TextEncoder(nn.Module):
         device = next(self.model.parameters()).device
         input_ids = tokens["input_ids"].to(device)  # B S
         mask = tokens["attention_mask"].to(device).bool()  # B S
-        states = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        states = self._states(input_ids, mask)
         states = states.float() * mask.unsqueeze(-1)  # B S D, padding zeroed for stable caches
         return TextEncoding(states=states, mask=mask, num_truncated=num_truncated)
+
+    def _states(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """[B, S, hidden x len(layers)]: the configured hidden states side by side."""
+        if self.config.layers == (-1,):
+            return self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        out = self.model(input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True)
+        hidden = out.hidden_states
+        if any(not -len(hidden) <= layer < len(hidden) for layer in self.config.layers):
+            raise ValueError(
+                f"model.text.layers {list(self.config.layers)} is out of range: this encoder has "
+                f"{len(hidden)} hidden states (0 = embeddings .. {len(hidden) - 1} = last)"
+            )
+        return torch.cat([hidden[layer] for layer in self.config.layers], dim=-1)
+
+    def states_hash(self) -> str:
+        """What keys text caches: the weights hash, plus the layers when not just the last one."""
+        if self.config.layers == (-1,):
+            return self.weights_hash()
+        layers = ",".join(str(layer) for layer in self.config.layers)
+        return hashlib.sha256(f"{self.weights_hash()}|layers={layers}".encode()).hexdigest()
 
     def weights_hash(self) -> str:
         """sha256 of the sorted state dict (names and bytes); keys text/latent caches."""

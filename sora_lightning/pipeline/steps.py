@@ -118,6 +118,8 @@ def _cache(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         str(cfg.cache.max_frames),
         "--text-max-length",
         str(cfg.model.text.max_length),
+        "--text-layers",
+        ",".join(str(layer) for layer in cfg.model.text.get("layers", [-1])),
         *(["--text-path", str(text_path)] if text_path else []),
     ]
 

@@ -235,9 +235,15 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     curriculum = instantiate(cfg.curriculum, _convert_="all")
     text_cfg = instantiate(cfg.model.text, _convert_="all")
     text = TextEncoder(text_cfg)
+    if dit_cfg.text_dim != text.hidden_size:
+        raise ValueError(
+            f"model.dit.text_dim={dit_cfg.text_dim} but the text encoder gives {text.hidden_size}-d "
+            f"states (hidden size x model.text.layers {list(text_cfg.layers)}); set "
+            f"model.dit.text_dim={text.hidden_size}"
+        )
     vae = load_vae(cfg.data.vae_dir)
     vae_hash = state_dict_hash(vae.state_dict())
-    expected = cache_key(vae_hash, text.weights_hash(), CacheSettings(**cfg.cache))
+    expected = cache_key(vae_hash, text.states_hash(), CacheSettings(**cfg.cache))
     cache_meta = read_cache_meta(cfg.data.cache_dir, expected)
     meta = _dit_meta(cfg.data.vae_dir, vae, vae_hash, text_cfg, cache_meta)
     steps = cfg.trainer.get("max_steps") or curriculum.total_steps

@@ -111,3 +111,14 @@ def test_bad_flow_config_rejected_at_validation(override: str, message: str) -> 
         cfg = compose("train", overrides=overrides)
     with pytest.raises(ValueError, match=f"dit_train.flow.*{message}"):
         validate(cfg)
+
+
+def test_dit_text_dim_must_match_text_layers(tmp_path: Path) -> None:
+    """Two text layers widen the states to 768: a 384-d DiT is refused before the VAE loads."""
+    from sora_lightning.train.main import train_dit
+
+    overrides = ["task=dit", "data.cache_dir=c", "data.vae_dir=v", "model.text.layers=[0,-1]"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ValueError, match="model.dit.text_dim=768"):
+        train_dit(cfg, tmp_path)

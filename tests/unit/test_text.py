@@ -99,6 +99,30 @@ def test_t5_folder_loads_encoder_only(minilm: TextEncoder, tmp_path: Path) -> No
     assert encoder.weights_hash() != minilm.weights_hash()
 
 
+def test_layers_concatenate_hidden_states(minilm: TextEncoder) -> None:
+    """layers=[0, -1]: token embeddings beside the last layer, each equal to the encoder's own."""
+    both = TextEncoder(TextEncoderConfig(max_length=16, layers=[0, -1]))
+    assert both.config.layers == (0, -1) and both.hidden_size == 768
+    encoding = both.encode(CAPTIONS)
+    last = minilm.encode(CAPTIONS)
+    assert encoding.states.shape[-1] == 768 and torch.equal(encoding.mask, last.mask)
+    torch.testing.assert_close(encoding.states[..., 384:], last.states, rtol=0, atol=0)
+    tokens = minilm.tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        embedded = minilm.model(**tokens, output_hidden_states=True).hidden_states[0]
+    expected = embedded * tokens["attention_mask"].unsqueeze(-1)
+    torch.testing.assert_close(encoding.states[..., :384], expected, rtol=0, atol=0)
+    # Different states must key different caches; the default keeps the plain weights hash.
+    assert minilm.states_hash() == minilm.weights_hash()
+    assert both.weights_hash() == minilm.weights_hash() != both.states_hash()
+
+
+def test_layers_out_of_range_names_the_count() -> None:
+    encoder = TextEncoder(TextEncoderConfig(max_length=16, layers=[0, 9]))
+    with pytest.raises(ValueError, match="7 hidden states"):
+        encoder.encode(CAPTIONS)
+
+
 def test_missing_path_names_path_and_fix(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_model"
     with pytest.raises(FileNotFoundError, match="no_such_model.*model.text.path"):
@@ -112,6 +136,9 @@ def test_config_validation() -> None:
         TextEncoderConfig(dtype="float8")
     with pytest.raises(ValueError, match="max_length"):
         TextEncoderConfig(max_length=0)
+    for layers in ([], [-1, -1]):
+        with pytest.raises(ValueError, match="layers"):
+            TextEncoderConfig(layers=layers)
 
 
 def test_minilm_preset_is_the_bundled_default() -> None:
