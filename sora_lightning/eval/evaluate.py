@@ -14,7 +14,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sora_lightning.data.world import eval_prompts, parse_prompt
-from sora_lightning.eval.detector import CHANCE, detect, detector_accuracy_on_truth
+from sora_lightning.eval.detector import (
+    CHANCE,
+    accuracy_on_clips,
+    detect,
+    detector_accuracy_on_truth,
+)
+from sora_lightning.eval.detector import truth_clips as render_truth_clips
 
 MIN_DETECTOR_ACCURACY = 0.98
 """Below this accuracy on rendered truth the detector is not trusted and evaluation refuses."""
@@ -65,6 +71,8 @@ def evaluate(
     prompts: list[str] | None = None,
     num_seeds: int = 1,
     truth_clips: int = 200,
+    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+    ceiling_clips: int = 48,
 ) -> dict:
     """Score prompt adherence of `generate(prompt, seed) -> uint8 [T, H, W, 3]`.
 
@@ -72,6 +80,10 @@ def evaluate(
     motion_acc (fractions of videos where the detected attribute matches the prompt),
     detector_acc_on_truth, chance (uniform-guess accuracies), num_videos and per_prompt records
     (prompt, seed, expected, detected, and per-attribute correctness).
+
+    `reconstruct(frames) -> frames` (the VAE's encode then decode) adds `vae_ceiling`: the
+    detector's accuracy on reconstructed truth clips, the most the DiT can reach through this VAE.
+    Why: it tells a weak score caused by the VAE from one caused by the DiT.
     """
     if num_seeds < 1:
         raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
@@ -92,6 +104,10 @@ def evaluate(
         f"{name}_acc": float(np.mean([record[f"{name}_ok"] for record in records]))
         for name in ATTRIBUTES
     }
+    if reconstruct is not None:
+        # Truth clips as long as the generated videos, so the VAE sees the same frame count.
+        clips = render_truth_clips(ceiling_clips, seed=1, num_frames=frames.shape[0])
+        result["vae_ceiling"] = accuracy_on_clips(clips, transform=reconstruct)
     result.update(
         detector_acc_on_truth=detector_accuracy,
         chance=dict(CHANCE),

@@ -22,13 +22,27 @@ def run_eval(cfg: DictConfig) -> dict:
     def generate(prompt: str, seed: int):
         return generator.generate(prompt, replace(settings, seed=seed)).frames
 
-    scores = evaluate(generate, num_seeds=cfg.num_seeds, truth_clips=cfg.truth_clips)
+    scores = evaluate(
+        generate,
+        num_seeds=cfg.num_seeds,
+        truth_clips=cfg.truth_clips,
+        reconstruct=generator.reconstruct if cfg.ceiling_clips else None,
+        ceiling_clips=cfg.ceiling_clips,
+    )
     scores["settings"] = {k: v for k, v in asdict(settings).items() if k != "seed"}
     write_json_atomic(Path(cfg.out_dir) / "eval.json", scores)
     print(
         {
             k: scores[k]
-            for k in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance")
+            for k in (
+                "colour_acc",
+                "shape_acc",
+                "motion_acc",
+                "detector_acc_on_truth",
+                "vae_ceiling",
+                "chance",
+            )
+            if k in scores
         }
     )
     return scores

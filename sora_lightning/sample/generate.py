@@ -168,6 +168,12 @@ class VideoGenerator:
         return (latent - self.mean) / self.std
 
     @torch.no_grad()
+    def reconstruct(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [T, H, W, 3] through the VAE (posterior mean) and back: what it can represent."""
+        latent = self.vae.encode(to_model_range(frames).unsqueeze(0)).mode()
+        return to_uint8(self.vae.decode(latent)[0])
+
+    @torch.no_grad()
     def generate(
         self, prompt: str, options: SampleOptions, cond_frames: np.ndarray | None = None
     ) -> GeneratedVideo:

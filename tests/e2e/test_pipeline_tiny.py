@@ -59,6 +59,9 @@ def test_eval_json_has_scores_and_chance(pipeline_run: Path) -> None:
     for key in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance"):
         assert key in scores
     assert scores["detector_acc_on_truth"] >= 0.98
+    # The tiny VAE barely trains, so only the form of its ceiling is checked, not its level.
+    assert set(scores["vae_ceiling"]) == {"colour_acc", "shape_acc", "motion_acc"}
+    assert all(0.0 <= value <= 1.0 for value in scores["vae_ceiling"].values())
 
 
 def test_tensorboard_has_loss_every_step(pipeline_run: Path) -> None:

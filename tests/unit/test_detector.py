@@ -141,6 +141,28 @@ def test_evaluate_scores_wrong_and_blank_generators_at_zero() -> None:
     assert blank["colour_acc"] == blank["shape_acc"] == blank["motion_acc"] == 0.0
 
 
+def test_vae_ceiling_scores_the_reconstruction_not_the_generator() -> None:
+    """vae_ceiling reads truth clips through `reconstruct`, as long as the generated videos."""
+    lengths = []
+
+    def keep(frames: np.ndarray) -> np.ndarray:
+        lengths.append(len(frames))
+        return frames
+
+    def erase(frames: np.ndarray) -> np.ndarray:
+        return np.repeat(frames[:, :1, :1], frames.shape[1], 1).repeat(frames.shape[2], 2)
+
+    blank = lambda p, s: np.zeros((9, 48, 64, 3), np.uint8)  # noqa: E731
+    kept = evaluate(
+        blank, prompts=["a red circle"], truth_clips=8, reconstruct=keep, ceiling_clips=6
+    )
+    assert kept["vae_ceiling"] == {"colour_acc": 1.0, "shape_acc": 1.0, "motion_acc": 1.0}
+    assert kept["colour_acc"] == 0.0 and lengths == [9] * 6
+    erased = evaluate(blank, prompts=["a red circle"], truth_clips=8, reconstruct=erase)
+    assert erased["vae_ceiling"] == {"colour_acc": 0.0, "shape_acc": 0.0, "motion_acc": 0.0}
+    assert "vae_ceiling" not in evaluate(blank, prompts=["a red circle"], truth_clips=8)
+
+
 def test_evaluate_refuses_an_untrusted_detector_and_bad_inputs(monkeypatch) -> None:
     def truth(prompt: str, seed: int) -> np.ndarray:
         return _render_prompt(prompt)
