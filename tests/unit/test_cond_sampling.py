@@ -112,3 +112,27 @@ def test_image_first_samples_the_first_frame_as_an_image(generator: VideoGenerat
     assert video.shape == joint.shape == (4, 4, 4, 4)
     torch.testing.assert_close(video[:, :1], image, rtol=0, atol=0)
     assert not torch.allclose(video[:, :1], joint[:, :1])
+
+
+def test_cfg_interval_guides_only_inside_it(generator: VideoGenerator) -> None:
+    """Outside the interval the solver uses the conditional velocity alone: an interval that no
+    step's t falls in samples like cfg_scale=1; one covering every step like no interval."""
+    plain = {**OPTIONS, "steps": 3}
+    guided, _ = generator.generate_latents("a", SampleOptions(**plain))
+    unguided, _ = generator.generate_latents("a", SampleOptions(**{**plain, "cfg_scale": 1.0}))
+    never, _ = generator.generate_latents("a", SampleOptions(**plain, cfg_interval=(0.0, 0.0)))
+    always, _ = generator.generate_latents("a", SampleOptions(**plain, cfg_interval=[0.0, 1.0]))
+    torch.testing.assert_close(never, unguided, rtol=1e-5, atol=1e-5)
+    assert torch.equal(always, guided)
+    assert not torch.allclose(guided, unguided, atol=1e-3)
+    # Guiding only the last steps (t <= 0.5) leaves the first step unguided: a third result.
+    late, _ = generator.generate_latents("a", SampleOptions(**plain, cfg_interval=(0.0, 0.5)))
+    assert not torch.allclose(late, guided, atol=1e-4) and not torch.allclose(
+        late, never, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("interval", [(0.8, 0.2), (0.0, 1.5), (0.5,)])
+def test_bad_cfg_interval_is_refused(interval: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match="cfg_interval"):
+        SampleOptions(cfg_interval=interval)

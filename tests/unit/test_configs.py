@@ -78,9 +78,10 @@ def test_all_yaml_files_are_covered() -> None:
 def test_sampling_entry_points_read_their_options_the_same_way(name: str) -> None:
     """sora-sample and sora-eval build SampleOptions through one reader; unset keys keep defaults."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(name, overrides=["ckpt=x", "frames=9", "shift=3.0"])
+        cfg = compose(name, overrides=["ckpt=x", "frames=9", "shift=3.0", "cfg_interval=[0,0.7]"])
     options = SampleOptions.from_config(cfg, seed=7)
     assert (options.frames, options.shift, options.seed) == (9, 3.0, 7)
+    assert options.cfg_interval == (0.0, 0.7)
     assert options.cfg_scale == cfg.cfg_scale and options.sampler == cfg.sampler
     assert SampleOptions.from_config({"steps": 3}, seed=0) == SampleOptions(steps=3)
     with pytest.raises(ValueError, match="1 \\+ 4k"):
