@@ -51,7 +51,14 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
         scores = json.loads(eval_path.read_text())
         summary["eval"] = {
             k: scores[k]
-            for k in ("colour_acc", "shape_acc", "motion_acc", "detector_acc_on_truth", "chance")
+            for k in (
+                "colour_acc",
+                "shape_acc",
+                "motion_acc",
+                "detector_acc_on_truth",
+                "vae_ceiling",
+                "chance",
+            )
             if k in scores
         }
         console.print(f"eval (held-out prompts): {summary['eval']}")
