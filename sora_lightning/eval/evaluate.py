@@ -25,6 +25,20 @@ from sora_lightning.eval.detector import truth_clips as render_truth_clips
 MIN_DETECTOR_ACCURACY = 0.98
 """Below this accuracy on rendered truth the detector is not trusted and evaluation refuses."""
 ATTRIBUTES = ("colour", "shape", "motion")
+HEADLINE_KEYS = (
+    "colour_acc",
+    "shape_acc",
+    "motion_acc",
+    "detector_acc_on_truth",
+    "vae_ceiling",
+    "chance",
+)
+"""The eval.json fields worth a line on the console (everything but per-prompt records)."""
+
+
+def headline(scores: dict) -> dict:
+    """The HEADLINE_KEYS present in `scores`: what `sora-eval` and the pipeline summary print."""
+    return {key: scores[key] for key in HEADLINE_KEYS if key in scores}
 
 
 def _expected(prompt: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sora_lightning.eval.evaluate import evaluate
+from sora_lightning.eval.evaluate import evaluate, headline
 from sora_lightning.sample.generate import SampleOptions, load_generator
 from sora_lightning.train.main import CONF_DIR
 from sora_lightning.utils import write_json_atomic
@@ -31,20 +31,7 @@ def run_eval(cfg: DictConfig) -> dict:
     )
     scores["settings"] = {k: v for k, v in asdict(settings).items() if k != "seed"}
     write_json_atomic(Path(cfg.out_dir) / "eval.json", scores)
-    print(
-        {
-            k: scores[k]
-            for k in (
-                "colour_acc",
-                "shape_acc",
-                "motion_acc",
-                "detector_acc_on_truth",
-                "vae_ceiling",
-                "chance",
-            )
-            if k in scores
-        }
-    )
+    print(headline(scores))
     return scores
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from sora_lightning.eval.evaluate import headline
 from sora_lightning.pipeline.runner import StepResult, run_local
 from sora_lightning.train.main import CONF_DIR, validate
 from sora_lightning.utils import write_json_atomic
@@ -49,18 +50,7 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
     eval_path = run_dir / "eval" / "eval.json"
     if eval_path.is_file():
         scores = json.loads(eval_path.read_text())
-        summary["eval"] = {
-            k: scores[k]
-            for k in (
-                "colour_acc",
-                "shape_acc",
-                "motion_acc",
-                "detector_acc_on_truth",
-                "vae_ceiling",
-                "chance",
-            )
-            if k in scores
-        }
+        summary["eval"] = headline(scores)
         console.print(f"eval (held-out prompts): {summary['eval']}")
     console.print(f"total time this run: {summary['total_seconds']:.1f} s")
     for r in results:
