@@ -98,8 +98,10 @@ class SampleOptions:
         if self.steps < 1 or self.height < 1 or self.width < 1:
             raise ValueError("steps, height and width must be positive")
         self.cfg_interval = tuple(float(t) for t in self.cfg_interval)
-        low, high = self.cfg_interval if len(self.cfg_interval) == 2 else (1.0, 0.0)
-        if not 0.0 <= low <= high <= 1.0:
+        if (
+            len(self.cfg_interval) != 2
+            or not 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0
+        ):
             raise ValueError(
                 f"cfg_interval must be [low, high] with 0 <= low <= high <= 1, got "
                 f"{list(self.cfg_interval)}"
@@ -178,14 +180,20 @@ class VideoGenerator:
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> Tensor:
         """uint8 [T, H, W, 3] -> normalised latents [C, F, h, w] for conditioning."""
-        latent = self.vae.encode(to_model_range(frames).unsqueeze(0)).mode()[0]
-        return (latent - self.mean) / self.std
+        return (self._posterior_mean(frames) - self.mean) / self.std
+
+    def _posterior_mean(self, frames: np.ndarray) -> Tensor:
+        """uint8 [T, H, W, 3] -> the VAE's posterior mean [C, F, h, w] (not normalised)."""
+        return self.vae.encode(to_model_range(frames).unsqueeze(0)).mode()[0]
+
+    def _decode(self, latent: Tensor) -> np.ndarray:
+        """Unnormalised latents [C, F, h, w] -> uint8 frames [T, H, W, 3]."""
+        return to_uint8(self.vae.decode(latent.unsqueeze(0))[0])
 
     @torch.no_grad()
     def reconstruct(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [T, H, W, 3] through the VAE (posterior mean) and back: what it can represent."""
-        latent = self.vae.encode(to_model_range(frames).unsqueeze(0)).mode()
-        return to_uint8(self.vae.decode(latent)[0])
+        return self._decode(self._posterior_mean(frames))
 
     @torch.no_grad()
     def generate(
@@ -194,10 +202,9 @@ class VideoGenerator:
         """Sample one video; `cond_frames` (an image or a clip) is kept as given, at the start or
         the end of the video (`options.cond_position`)."""
         latent, expanded = self.generate_latents(prompt, options, cond_frames)
-        latent = latent * self.std + self.mean  # [C, F, h, w]
-        video = self.vae.decode(latent.unsqueeze(0))[0]  # [3, T, H, W]
+        frames = self._decode(latent * self.std + self.mean)
         return GeneratedVideo(
-            to_uint8(video), prompt, expanded, options.seed, self.model_hash, vars(options).copy()
+            frames, prompt, expanded, options.seed, self.model_hash, vars(options).copy()
         )
 
     @torch.no_grad()
@@ -311,39 +318,32 @@ class VideoGenerator:
         """Closure running conditional and unconditional passes as one packed batch of two
         (the conditional pass alone outside `cfg_interval`)."""
         grids = torch.tensor([grid, grid], dtype=torch.int64)
-        text = torch.cat([states, null_states])
-        text_cu = seqlens_to_cu([states.shape[0], null_states.shape[0]])
+        captions = [states, null_states]
+        texts = {  # copies -> (caption states, their cu_seqlens), built once per video
+            n: (torch.cat(captions[:n]), seqlens_to_cu([c.shape[0] for c in captions[:n]]))
+            for n in (1, 2)
+        }
 
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
+        def run(x: Tensor, t: Tensor, copies: int) -> Tensor:
+            """The DiT on `copies` packed copies of x, one per caption (conditional first)."""
             num = x.shape[0]
-            if not cfg_interval[0] <= float(t[0]) <= cfg_interval[1]:
-                return conditional(x, t)
-            cond = None if clean is None else torch.cat([clean, clean])
-            cond_mask = None if mask is None else torch.cat([mask, mask])
-            out = self.dit(
-                torch.cat([x, x]),
-                seqlens_to_cu([num, num]),
-                grids,
-                t.repeat(2).float(),
+            text, text_cu = texts[copies]
+            return self.dit(
+                x.repeat(copies, 1),
+                seqlens_to_cu([num] * copies),
+                grids[:copies],
+                t.repeat(copies).float(),
                 text,
                 text_cu,
-                cond=cond,
-                cond_mask=cond_mask,
+                cond=None if clean is None else clean.repeat(copies, 1),
+                cond_mask=None if mask is None else mask.repeat(copies),
             )
-            return flow.guided_velocity(out[:num], out[num:], cfg_scale)
 
-        def conditional(x: Tensor, t: Tensor) -> Tensor:
-            num = x.shape[0]
-            return self.dit(
-                x,
-                seqlens_to_cu([num]),
-                grids[:1],
-                t.float(),
-                states,
-                seqlens_to_cu([states.shape[0]]),
-                cond=clean,
-                cond_mask=mask,
-            )
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            if not cfg_interval[0] <= float(t[0]) <= cfg_interval[1]:
+                return run(x, t, 1)
+            out = run(x, t, 2)
+            return flow.guided_velocity(out[: x.shape[0]], out[x.shape[0] :], cfg_scale)
 
         return velocity
 
