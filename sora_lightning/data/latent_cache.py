@@ -431,6 +431,16 @@ def latent_stats(meta: dict) -> tuple[Tensor, Tensor]:
     return torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    """argparse type of --text-layers: "0,-1" -> (0, -1); anything else is a usage error."""
+    try:
+        return tuple(int(layer) for layer in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 0,-1"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """CLI of `tools/cache_latents.py` (and of the pipeline's cache step and its array tasks)."""
     parser = argparse.ArgumentParser(
@@ -445,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-max-length", type=int, default=64)
     parser.add_argument(
         "--text-layers",
-        default="-1",
+        type=_layer_list,
+        default=(-1,),
         help="comma-separated hidden-state indices concatenated (model.text.layers), e.g. 0,-1",
     )
     parser.add_argument("--max-area", type=int, default=CacheSettings.max_area)
@@ -502,9 +513,10 @@ def main(argv: list[str] | None = None) -> None:
             f"no shard matches {args.shards}; write shards first (tools/make_shards.py)"
         )
     settings = CacheSettings(args.max_area, args.multiple, args.max_frames)
-    layers = tuple(int(layer) for layer in args.text_layers.split(","))
     encoder = TextEncoder(
-        TextEncoderConfig(path=args.text_path, max_length=args.text_max_length, layers=layers)
+        TextEncoderConfig(
+            path=args.text_path, max_length=args.text_max_length, layers=args.text_layers
+        )
     )
     vae = load_vae(args.vae_dir)
     if part is not None:

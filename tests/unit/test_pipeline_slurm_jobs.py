@@ -76,3 +76,16 @@ def test_failed_array_tasks_are_reported_with_their_logs(tmp_path: Path) -> None
     assert part["part"] == 1 and part["state"] == "FAILED"
     assert part["log"] == str(tmp_path / "logs" / "cache.part-001.log") == result.log
     assert part["slurm_log"] == str(tmp_path / "slurm" / "cache-parts-11_1.out")
+
+
+def test_cache_step_passes_text_layers_the_cache_cli_parses(tmp_path: Path) -> None:
+    """model.text.layers reaches the cache CLI, so the cache holds the states the DiT reads."""
+    from sora_lightning.data.latent_cache import build_parser
+
+    cfg = pipeline_cfg("launcher.array_parts=1", "model.text.layers=[0,-1]")
+    (job,) = step_jobs(STEP["cache"], cfg, tmp_path, [], launcher_config(cfg))
+    argv = job.command[job.command.index("sora_lightning.data.latent_cache") + 1 :]
+    assert build_parser().parse_args(argv).text_layers == (0, -1)
+    assert build_parser().parse_args(["--output", "o"]).text_layers == (-1,)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--output", "o", "--text-layers", "0,last"])
