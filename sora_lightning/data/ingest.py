@@ -3,12 +3,13 @@
 Why here: every source ends in the same sample format (see `shards.py`), each media file is
 probed and test-decoded once at ingest so training never meets a broken file it could have
 been told about, and the summary (written/skipped by reason) is the step's verifiable output.
-Real media bytes are stored untouched; world clips are rendered and encoded deterministically.
+Real media bytes are stored untouched; world clips are rendered deterministically (their mp4
+bytes can still vary where x264 does, see `decode.encode_mp4`).
 
 Scaling out: the probe + full test decode of each input (or the render of each world sample) is
 a pure function of that input, so `workers` processes do it in a pool while the main process
-keeps the input order (`Pool.imap`), writes the shards and counts skips: the output is
-byte-identical for any number of workers. For SLURM job arrays, `num_parts`/`part` keep only the
+keeps the input order (`Pool.imap`), writes the shards and counts skips: the output is the
+same for any number of workers. For SLURM job arrays, `num_parts`/`part` keep only the
 inputs i with i % num_parts == part and name their files after the part
 (`shard-{part:03d}-{n:06d}.tar`, `summary.part-{part:03d}.json`); `merge_summaries` then writes
 the dataset's `summary.json`. Keys are assigned from the whole input list before the split, so
@@ -127,7 +128,7 @@ def shards_from_world(
     """Render `num_clips` clips and `num_images` images of the embedded world (train split) into shards.
 
     Deterministic in `seed`: sample i is drawn from its own generator seeded (seed, kind, i), so
-    the same seed gives byte-identical shards. Clips and images are interleaved evenly; an array
+    the same seed gives the same scenes, records and images (clip bytes: see `encode_mp4`). Clips and images are interleaved evenly; an array
     task (`num_parts`) takes every num_parts-th sample of that interleaved order. `options` are
     the fields of `Output` (max_count, max_size, overwrite, progress, workers, num_parts, part).
     """

@@ -72,13 +72,25 @@ def test_world_shards_from_cli(tmp_path: Path) -> None:
         assert meta["frames"] in world.CLIP_LENGTHS and (meta["frames"] == 1) == sample.is_image
         assert meta["caption"] == meta["captions"]["detailed"] and meta["captions"]["short"]
         assert meta["scene"]["num_frames"] == meta["frames"]
-    # Same seed in-process: byte-identical shards (deterministic rendering, encoding, tar headers).
+    # Same seed in-process: the same samples (keys, records, PNG bytes, tar layout); mp4 bytes
+    # may differ, since x264 here is not repeatable (ingest's docstring), but not what they show.
     again = shards_from_world(
         tmp_path / "again", num_clips=6, num_images=4, seed=7, max_count=4, progress=False
     )
-    assert [(out / n).read_bytes() for n in summary["shards"]] == [
-        (tmp_path / "again" / n).read_bytes() for n in again["shards"]
-    ]
+    assert (again["shards"], again["written"]) == (summary["shards"], summary["written"])
+    _assert_same_samples(samples, _read_back(tmp_path / "again", again))
+
+
+def _assert_same_samples(first: list, second: list) -> None:
+    """Same keys, records and image bytes; clips decode to frames within a codec rounding."""
+    assert [s.key for s in first] == [s.key for s in second]
+    for a, b in zip(first, second, strict=True):
+        assert a.meta == b.meta and a.media_ext == b.media_ext
+        if a.is_image:
+            assert a.media == b.media
+        else:
+            frames_a, frames_b = (decode_video(s.media)[0].astype(np.float32) for s in (a, b))
+            assert np.abs(frames_a - frames_b).mean() < 1.0  # seen: up to 0.19
 
 
 def _make_folder(root: Path) -> dict[str, bytes]:
