@@ -128,9 +128,10 @@ def shards_from_world(
     """Render `num_clips` clips and `num_images` images of the embedded world (train split) into shards.
 
     Deterministic in `seed`: sample i is drawn from its own generator seeded (seed, kind, i), so
-    the same seed gives the same scenes, records and images (clip bytes: see `encode_mp4`). Clips and images are interleaved evenly; an array
-    task (`num_parts`) takes every num_parts-th sample of that interleaved order. `options` are
-    the fields of `Output` (max_count, max_size, overwrite, progress, workers, num_parts, part).
+    the same seed gives the same scenes, records and images (clip bytes: see `encode_mp4`).
+    Clips and images are interleaved evenly; an array task (`num_parts`) takes every
+    num_parts-th sample of that interleaved order. `options` are the fields of `Output`
+    (max_count, max_size, overwrite, progress, workers, num_parts, part).
     """
     output = _output(out_dir, options)
     if num_clips < 0 or num_images < 0 or num_clips + num_images == 0:

@@ -248,10 +248,11 @@ def _combine(partials: list[dict], skipped: dict[str, int], identity: dict) -> d
 def _identity(vae: VideoVAE, encoder: TextEncoder, settings: CacheSettings) -> dict:
     """The fields of meta.json that name the weights and settings (the cache key among them)."""
     vae_hash = state_dict_hash(vae.state_dict())
+    text_hash = encoder.states_hash()
     return {
-        "key": cache_key(vae_hash, encoder.states_hash(), settings),
+        "key": cache_key(vae_hash, text_hash, settings),
         "vae_hash": vae_hash,
-        "text_hash": encoder.states_hash(),
+        "text_hash": text_hash,
         "settings": asdict(settings),
     }
 
