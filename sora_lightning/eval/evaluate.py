@@ -67,6 +67,21 @@ def _score(frames: np.ndarray, expected: dict[str, str]) -> dict:
     return record
 
 
+def confusion(records: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """{attribute: {expected: {detected: count}}} over scored videos.
+
+    Why: an accuracy at chance does not say whether the model draws one answer for every
+    prompt (e.g. every motion read as "still") or a random one; the counts do.
+    """
+    table: dict[str, dict[str, dict[str, int]]] = {name: {} for name in ATTRIBUTES}
+    for record in records:
+        for name in ATTRIBUTES:
+            row = table[name].setdefault(record["expected"][name], {})
+            found = record["detected"][name]
+            row[found] = row.get(found, 0) + 1
+    return table
+
+
 def _check_detector(truth_clips: int) -> float:
     """Detector accuracy on rendered truth (min over attributes); raises if untrustworthy."""
     truth = detector_accuracy_on_truth(num_clips=truth_clips)
@@ -92,8 +107,9 @@ def evaluate(
 
     Prompts default to `eval_prompts()` (one per held-out triple). Returns colour_acc, shape_acc,
     motion_acc (fractions of videos where the detected attribute matches the prompt),
-    detector_acc_on_truth, chance (uniform-guess accuracies), num_videos and per_prompt records
-    (prompt, seed, expected, detected, and per-attribute correctness).
+    detector_acc_on_truth, chance (uniform-guess accuracies), num_videos, confusion (per
+    attribute, expected -> detected -> count) and per_prompt records (prompt, seed, expected,
+    detected, and per-attribute correctness).
 
     `reconstruct(frames) -> frames` (the VAE's encode then decode) adds `vae_ceiling`: the
     detector's accuracy on reconstructed truth clips, the most the DiT can reach through this VAE.
@@ -126,6 +142,7 @@ def evaluate(
         detector_acc_on_truth=detector_accuracy,
         chance=dict(CHANCE),
         num_videos=len(records),
+        confusion=confusion(records),
         per_prompt=records,
     )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from sora_lightning.data.world import (
     COLOURS,
     EVAL_MOTIONS,
+    HELD_OUT,
     SHAPES,
     ObjectSpec,
     Scene,
@@ -116,6 +118,8 @@ def test_evaluate_scores_a_perfect_generator_at_one() -> None:
     assert result["detector_acc_on_truth"] >= 0.98 and result["chance"] == CHANCE
     record = result["per_prompt"][0]
     assert record["expected"] == record["detected"] and record["colour_ok"]
+    motion = result["confusion"]["motion"]  # 16 held-out prompts x 2 seeds, all on the diagonal
+    assert motion == {m: {m: 2 * n} for m, n in Counter(m for _, _, m in HELD_OUT).items()}
 
 
 def _wrong_prompt(prompt: str) -> str:
@@ -132,6 +136,7 @@ def _wrong_prompt(prompt: str) -> str:
 def test_evaluate_scores_wrong_and_blank_generators_at_zero() -> None:
     wrong = evaluate(lambda prompt, seed: _wrong_prompt(prompt), truth_clips=40)
     assert wrong["colour_acc"] == wrong["shape_acc"] == wrong["motion_acc"] == 0.0
+    assert wrong["confusion"]["motion"]["still"] == {"grow": 2}  # the next eval motion, each time
     blank = evaluate(
         lambda p, s: np.zeros((17, 48, 64, 3), np.uint8),
         prompts=["a red circle grows"],
