@@ -593,3 +593,20 @@ def expand_prompt(prompt: str, *, num_frames: int = _DEFAULT_NUM_FRAMES) -> str:
 def eval_prompts() -> list[str]:
     """One short prompt per HELD_OUT triple, sorted (the adherence benchmark)."""
     return sorted(_object_phrase(c, s, m) for c, s, m in HELD_OUT)
+
+
+def seen_prompts(per_motion: int = 2) -> list[str]:
+    """`per_motion` short prompts per eval motion whose triple is in the training split, sorted.
+
+    Why: scored next to `eval_prompts()`, they tell a model that has not learned an attribute
+    (wrong on both) from one that has not generalised it (right only on seen triples).
+    Fixed: colour-shape pairs are taken in order, from a different offset for each motion.
+    """
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    prompts = []
+    for index, motion in enumerate(EVAL_MOTIONS):
+        offset = index * len(pairs) // len(EVAL_MOTIONS)
+        rotated = pairs[offset:] + pairs[:offset]
+        allowed = [(c, s) for c, s in rotated if _allowed_triple(c, s, motion, "train")]
+        prompts += [_object_phrase(c, s, motion) for c, s in allowed[:per_motion]]
+    return sorted(prompts)

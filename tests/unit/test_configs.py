@@ -88,6 +88,19 @@ def test_sampling_entry_points_read_their_options_the_same_way(name: str) -> Non
         SampleOptions.from_config({"frames": 8}, seed=0)
 
 
+def test_eval_prompt_sets_and_a_bad_name_fails_before_loading(tmp_path: Path) -> None:
+    from sora_lightning.data.world import eval_prompts, seen_prompts
+    from sora_lightning.eval.main import _prompts, run_eval
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt={tmp_path / 'missing'}"])
+        seen = compose("eval", overrides=["ckpt=x", "prompt_set=seen"])
+        bad = compose("eval", overrides=[f"ckpt={tmp_path / 'missing'}", "prompt_set=unseen"])
+    assert _prompts(cfg) == eval_prompts() and _prompts(seen) == seen_prompts()
+    with pytest.raises(ValueError, match="prompt_set='unseen' is not one of"):
+        run_eval(bad)  # before the (missing) checkpoint is looked at
+
+
 def test_training_timestep_config_names_flow_config_fields() -> None:
     """dit_train.flow reaches DiTModule as FlowConfig(**flow): every key must be a field."""
     from sora_lightning.train.dit_module import FlowConfig

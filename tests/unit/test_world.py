@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from sora_lightning.data.world import (
     render,
     sample_scene,
     scene_from_prompt,
+    seen_prompts,
     short_prompt,
 )
 
@@ -278,6 +280,15 @@ def test_expand_prompt_defaults_and_fallback() -> None:
     assert expand_prompt("a sunset over the sea") == "a sunset over the sea"
     assert parse_prompt("a sunset over the sea") is None
     assert scene_from_prompt("purple rain", width=64, height=48, num_frames=9) is None
+
+
+def test_seen_prompts_are_training_triples_covering_every_eval_motion() -> None:
+    prompts = seen_prompts(per_motion=3)
+    assert prompts == sorted(prompts) == seen_prompts(per_motion=3)
+    triples = [tuple(parse_prompt(p)[0][k] for k in ("colour", "shape", "motion")) for p in prompts]
+    assert len(set(triples)) == len(triples) == 3 * len(EVAL_MOTIONS)
+    assert not set(triples) & HELD_OUT
+    assert Counter(motion for _, _, motion in triples) == {m: 3 for m in EVAL_MOTIONS}
 
 
 def test_eval_prompts_are_one_per_held_out_triple() -> None:
