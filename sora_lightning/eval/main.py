@@ -15,7 +15,7 @@ from sora_lightning.train.main import CONF_DIR
 from sora_lightning.utils import write_json_atomic
 
 PROMPT_SETS = {"held_out": eval_prompts, "seen": seen_prompts}
-"""`prompt_set` choices: the held-out triples (the benchmark) or as many triples seen in training."""
+"""`prompt_set` choices: the held-out triples (the benchmark), or 2 training triples per eval motion."""
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
