@@ -18,9 +18,8 @@ PROMPT_SETS = {"held_out": eval_prompts, "seen": seen_prompts}
 """`prompt_set` choices: the held-out triples (the benchmark), or 2 training triples per eval motion."""
 
 
-def _prompts(cfg: DictConfig) -> list[str]:
-    """The prompts of `cfg.prompt_set`; an unknown name is rejected before any work."""
-    name = cfg.get("prompt_set", "held_out")
+def _prompts(name: str) -> list[str]:
+    """The prompts of set `name`; an unknown name is rejected before any work."""
     if name not in PROMPT_SETS:
         raise ValueError(f"prompt_set={name!r} is not one of {sorted(PROMPT_SETS)}")
     return PROMPT_SETS[name]()
@@ -28,7 +27,8 @@ def _prompts(cfg: DictConfig) -> list[str]:
 
 def run_eval(cfg: DictConfig) -> dict:
     """Write `eval.json` with accuracies, the detector's accuracy on truth, and chance levels."""
-    prompts = _prompts(cfg)
+    prompt_set = cfg.get("prompt_set", "held_out")
+    prompts = _prompts(prompt_set)
     settings = SampleOptions.from_config(cfg, seed=0)  # rejects bad sizes before any work
     generator = load_generator(cfg.ckpt)
 
@@ -44,7 +44,7 @@ def run_eval(cfg: DictConfig) -> dict:
         ceiling_clips=cfg.ceiling_clips,
     )
     scores["settings"] = {k: v for k, v in asdict(settings).items() if k != "seed"}
-    scores["prompt_set"] = cfg.get("prompt_set", "held_out")
+    scores["prompt_set"] = prompt_set
     write_json_atomic(Path(cfg.out_dir) / "eval.json", scores)
     print(headline(scores))
     return scores

@@ -96,7 +96,9 @@ def test_eval_prompt_sets_and_a_bad_name_fails_before_loading(tmp_path: Path) ->
         cfg = compose("eval", overrides=[f"ckpt={tmp_path / 'missing'}"])
         seen = compose("eval", overrides=["ckpt=x", "prompt_set=seen"])
         bad = compose("eval", overrides=[f"ckpt={tmp_path / 'missing'}", "prompt_set=unseen"])
-    assert _prompts(cfg) == eval_prompts() and _prompts(seen) == seen_prompts()
+    assert (
+        _prompts(cfg.prompt_set) == eval_prompts() and _prompts(seen.prompt_set) == seen_prompts()
+    )
     with pytest.raises(ValueError, match="prompt_set='unseen' is not one of"):
         run_eval(bad)  # before the (missing) checkpoint is looked at
 
