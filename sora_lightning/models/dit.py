@@ -33,12 +33,14 @@ from sora_lightning.models.layers import (
     ATTENTION_BACKENDS,
     RMSNorm,
     RotaryEmbedding3D,
+    SinCosPositionEmbedding3D,
     TimestepEmbedder,
     apply_rotary_freqs,
     attention,
     modulate,
     rope_axis_dims,
     rotary_freqs,
+    sincos_axis_dims,
 )
 from sora_lightning.models.patches import cu_to_sample_index
 
@@ -82,6 +84,11 @@ class DiTConfig:
     (SD3's pooled vector): every block's adaLN then sees the whole caption from step 0, a global
     path that the demo's colour adherence learns through in 1200 CPU steps where cross-attention
     alone often collapsed. Off by default so checkpoints saved without it still load."""
+    abs_pos_embed: bool = False
+    """Also add a fixed 3D sin-cos embedding of each token's absolute (frame, row, column) to the
+    patch embedding (DiT, CogVideoX-2B). RoPE alone leaves a token to find which frame it is in
+    through attention; on the CPU demo a RoPE-only DiT drew objects that did not move or grow
+    even on its own 24 training clips. Parameter-free; off by default for older checkpoints."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML gives a list
@@ -98,6 +105,8 @@ class DiTConfig:
             rope_axis_dims(self.head_dim)
         except ValueError as error:
             raise ValueError(f"head_dim {self.head_dim} does not suit 3D RoPE: {error}") from None
+        if self.abs_pos_embed:
+            sincos_axis_dims(self.hidden_size)  # raises on a width it cannot split
         if self.mlp_dim < 1:
             raise ValueError(f"MLP width must be positive, got {self.mlp_dim}")
         if self.attn_backend not in ATTENTION_BACKENDS:
@@ -320,6 +329,7 @@ class DiT(nn.Module):
         )
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, NUM_MODULATIONS * hidden))
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
+        self.abs_pos = SinCosPositionEmbedding3D(hidden) if cfg.abs_pos_embed else None
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.init_weights()
@@ -377,6 +387,8 @@ class DiT(nn.Module):
         layout = self._layout(x, cu_seqlens, grid_sizes, timesteps, text, text_cu_seqlens, sequence)
         local = (local_tokens(t, sequence) for t in (x, cond, cond_mask))
         tokens = self.patch_embed(self._embed_inputs(*local))  # [L_local, D]
+        if self.abs_pos is not None:
+            tokens = tokens + local_tokens(self.abs_pos(grid_sizes).to(tokens), sequence)
         context = self.text_embed(text)  # [S, D]
         time_emb = self.time_embed(timesteps)  # [B, D]
         if self.pooled_text_embed is not None:

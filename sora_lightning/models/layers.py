@@ -204,6 +204,59 @@ class RotaryEmbedding3D(nn.Module):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def sincos_axis_dims(hidden_size: int) -> tuple[int, int, int]:
+    """Split D over (frame, height, width) as CogVideoX-2B does: a quarter (even) to time, the
+    rest halved (even) between height and width, time taking any remainder."""
+    if hidden_size % 2 != 0 or hidden_size < 8:
+        raise ValueError(f"3D sin-cos positions need an even hidden_size >= 8, got {hidden_size}")
+    spatial = 2 * ((hidden_size - 2 * (hidden_size // 8)) // 4)
+    return hidden_size - 2 * spatial, spatial, spatial
+
+
+class SinCosPositionEmbedding3D(nn.Module):
+    """Fixed absolute sin-cos embedding of each token's (f, i, j) grid position, added to tokens.
+
+    Why, next to RoPE: rotary angles only give attention *relative* offsets, so a token learns
+    which frame of the clip it is in (and so how far a growing or moving object has got) only by
+    attending to the clip's edges. Adding the absolute position, as DiT and CogVideoX-2B do,
+    hands every token that index directly. Integer grid coordinates, so any shape works.
+    """
+
+    def __init__(self, hidden_size: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.theta = theta
+        self.axis_dims = sincos_axis_dims(hidden_size)
+        self._cache: dict[tuple[int, int, int, str], Tensor] = {}
+
+    def _axis(self, length: int, dim: int) -> Tensor:
+        """[length, dim]: sin then cos of position x dim/2 frequencies (float64 on the CPU)."""
+        inv_freq = self.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    def _grid(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
+        key = (*grid, str(device))
+        if key not in self._cache:
+            frames, height, width = grid
+            dim_t, dim_h, dim_w = self.axis_dims
+            parts = [
+                self._axis(frames, dim_t)[:, None, None].expand(frames, height, width, -1),
+                self._axis(height, dim_h)[None, :, None].expand(frames, height, width, -1),
+                self._axis(width, dim_w)[None, None, :].expand(frames, height, width, -1),
+            ]
+            table = torch.cat(parts, dim=-1).reshape(frames * height * width, self.hidden_size)
+            self._cache[key] = table.float().to(device)
+        return self._cache[key]
+
+    def forward(self, grid_sizes: Tensor) -> Tensor:
+        """grid_sizes [B, 3] -> [L, D] float32 embeddings of the packed tokens, in (f, i, j) order."""
+        grids = [tuple(int(g) for g in row) for row in grid_sizes.tolist()]
+        if not grids:
+            return torch.zeros(0, self.hidden_size, device=grid_sizes.device)
+        return torch.cat([self._grid(grid, grid_sizes.device) for grid in grids])
+
+
 def rotary_freqs(cos: Tensor, sin: Tensor) -> Tensor:
     """(cos, sin) [L, head_dim/2] -> complex unit rotations [L, 1, head_dim/2] for apply_rotary_freqs.
 

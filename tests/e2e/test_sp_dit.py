@@ -34,7 +34,13 @@ LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-4, 1e-5
 
 def _config() -> DiTConfig:
     return DiTConfig(
-        in_channels=4, patch_size=PATCH, hidden_size=64, depth=2, num_heads=4, attn_backend="sdpa"
+        in_channels=4,
+        patch_size=PATCH,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        attn_backend="sdpa",
+        abs_pos_embed=True,  # its table is sharded (and padded) like the tokens
     )
 
 

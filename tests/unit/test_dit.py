@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sora_lightning.models.dit import DiT, DiTConfig, mean_per_segment
+from sora_lightning.models.layers import SinCosPositionEmbedding3D
 from sora_lightning.models.patches import seqlens_to_cu
 from sora_lightning.models.stats import count_params
 
@@ -167,6 +170,8 @@ def test_invalid_configs_and_inputs_raise(tiny_cfg: DiTConfig) -> None:
         DiTConfig(hidden_size=12, num_heads=4)  # head_dim 3
     with pytest.raises(ValueError, match="attn_backend"):
         DiTConfig(hidden_size=64, num_heads=4, attn_backend="magic")
+    with pytest.raises(ValueError, match="sin-cos"):
+        DiTConfig(hidden_size=6, num_heads=1, abs_pos_embed=True)  # fine for RoPE, too narrow here
     model = DiT(tiny_cfg)
     batch = make_batch(tiny_cfg)
     with pytest.raises(ValueError, match="grid_sizes cover"):
@@ -220,6 +225,50 @@ def test_pooled_text_reaches_output_without_cross_attention(tiny_cfg: DiTConfig)
 
 
 def test_config_without_pooled_text_loads_old_checkpoints() -> None:
-    """dit.json files written before `pooled_text` existed build the model they were saved from."""
+    """dit.json files written before `pooled_text` or `abs_pos_embed` existed build the model
+    they were saved from."""
     cfg = DiTConfig(hidden_size=64, depth=2, num_heads=4)
     assert not cfg.pooled_text and DiT(cfg).pooled_text_embed is None
+    assert not cfg.abs_pos_embed and DiT(cfg).abs_pos is None
+
+
+def test_abs_pos_embedding_is_the_sincos_of_each_tokens_grid_position() -> None:
+    """Row f*H*W + i*W + j holds [sin, cos](f * w_t), then (i * w_h), then (j * w_w), per sample."""
+    embed = SinCosPositionEmbedding3D(16)
+    dims = embed.axis_dims
+    assert dims == (4, 6, 6) and sum(dims) == 16
+    grids = [(3, 2, 4), (1, 3, 2)]
+    table = embed(torch.tensor(grids))
+    rows = []
+    for frames, height, width in grids:
+        for f, i, j in itertools.product(range(frames), range(height), range(width)):
+            row = []
+            for position, dim in zip((f, i, j), dims, strict=True):
+                freqs = [10000.0 ** (-k / dim) for k in range(0, dim, 2)]
+                row += [math.sin(position * w) for w in freqs] + [math.cos(position * w) for w in freqs]
+            rows.append(row)
+    torch.testing.assert_close(table, torch.tensor(rows), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_only_abs_pos_tells_the_frames_of_a_still_clip_apart(
+    tiny_cfg: DiTConfig, abs_pos: bool
+) -> None:
+    """Every token the same: RoPE alone rotates queries and keys but averages identical values, so
+    each frame gets the same output; the absolute embedding gives each frame its own."""
+    tiny_cfg.abs_pos_embed = abs_pos
+    model = perturbed_model(tiny_cfg).eval()
+    grid = (4, 2, 3)
+    num_tokens = grid[0] * grid[1] * grid[2]
+    with torch.no_grad():
+        out = model(
+            torch.ones(num_tokens, tiny_cfg.patch_dim),
+            seqlens_to_cu([num_tokens]),
+            torch.tensor([grid]),
+            torch.tensor([0.5]),
+            torch.randn(5, tiny_cfg.text_dim),
+            seqlens_to_cu([5]),
+        )
+    frames = out.view(grid[0], -1, tiny_cfg.patch_dim)
+    spread = (frames - frames[:1]).abs().max()
+    assert spread > 1e-3 if abs_pos else spread < 1e-5

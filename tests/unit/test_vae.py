@@ -203,13 +203,13 @@ def test_tiled_close_to_whole(vae: VideoVAE) -> None:
 def test_presets_factors(preset: str) -> None:
     config = instantiate(OmegaConf.load(CONF_DIR / f"{preset}.yaml"))
     assert isinstance(config, VAEConfig)
-    assert config.temporal_factor == 4
+    assert config.temporal_factor == (2 if preset == "demo" else 4)
     assert config.spatial_factor == (8 if preset == "default" else 4)
     if preset == "tiny":
         assert config == tiny_config()
     if preset == "default":
         assert (config.latent_channels, config.base_channels) == (16, 128)
-    assert config.latent_frames(9) == 3
+    assert config.latent_frames(9) == (5 if preset == "demo" else 3)
 
 
 @pytest.mark.parametrize(
