@@ -245,7 +245,9 @@ def test_abs_pos_embedding_is_the_sincos_of_each_tokens_grid_position() -> None:
             row = []
             for position, dim in zip((f, i, j), dims, strict=True):
                 freqs = [10000.0 ** (-k / dim) for k in range(0, dim, 2)]
-                row += [math.sin(position * w) for w in freqs] + [math.cos(position * w) for w in freqs]
+                row += [math.sin(position * w) for w in freqs] + [
+                    math.cos(position * w) for w in freqs
+                ]
             rows.append(row)
     torch.testing.assert_close(table, torch.tensor(rows), atol=1e-6, rtol=0)
 
