@@ -87,8 +87,8 @@ class DiTConfig:
     abs_pos_embed: bool = False
     """Also add a fixed 3D sin-cos embedding of each token's absolute (frame, row, column) to the
     patch embedding (DiT, CogVideoX-2B). RoPE alone leaves a token to find which frame it is in
-    through attention; on the CPU demo a RoPE-only DiT drew objects that did not move or grow
-    even on its own 24 training clips. Parameter-free; off by default for older checkpoints."""
+    through attention: frames whose tokens are equal get equal outputs. It does not by itself make
+    the CPU demo learn motion (README). Parameter-free; off by default for older checkpoints."""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML gives a list

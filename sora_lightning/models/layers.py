@@ -153,6 +153,32 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * spatial, spatial, spatial
 
 
+def _axis_angles(length: int, dim: int, theta: float) -> Tensor:
+    """[length, dim/2] angles position x frequency, frequencies theta^(-2k/dim).
+
+    float64 on the CPU: exact angles on every device (some accelerators lack float64).
+    """
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+
+
+def grid_angles(
+    grid: tuple[int, int, int], axis_dims: tuple[int, int, int], theta: float
+) -> Tensor:
+    """[F*H*W, sum(axis_dims)/2] float64 angles of each token's (f, i, j), in (f, i, j) row-major
+    order: frame angles, then row, then column. The one source of both position tables (RoPE
+    takes their cos and sin, the sin-cos embedding their sin and cos per axis)."""
+    frames, height, width = grid
+    dim_t, dim_h, dim_w = axis_dims
+    shape = (frames, height, width, -1)
+    angles = [
+        _axis_angles(frames, dim_t, theta)[:, None, None, :].expand(shape),
+        _axis_angles(height, dim_h, theta)[None, :, None, :].expand(shape),
+        _axis_angles(width, dim_w, theta)[None, None, :, :].expand(shape),
+    ]
+    return torch.cat(angles, dim=-1).reshape(frames * height * width, -1)
+
+
 class RotaryEmbedding3D(nn.Module):
     """Factorized 3D rotary position embedding over each sample's (f, i, j) token grid.
 
@@ -167,30 +193,12 @@ class RotaryEmbedding3D(nn.Module):
         self.axis_dims = rope_axis_dims(head_dim)
         self._cache: dict[tuple[int, int, int, str], tuple[Tensor, Tensor]] = {}
 
-    def _axis_angles(self, length: int, dim: int) -> Tensor:
-        # float64 on the CPU: exact angles on every device (some accelerators lack float64).
-        inv_freq = self.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        positions = torch.arange(length, dtype=torch.float64)
-        return torch.outer(positions, inv_freq)  # [length, dim/2]
-
     def _grid_cos_sin(
         self, grid: tuple[int, int, int], device: torch.device
     ) -> tuple[Tensor, Tensor]:
         key = (*grid, str(device))
         if key not in self._cache:
-            frames, height, width = grid
-            dim_t, dim_h, dim_w = self.axis_dims
-            angle_t = self._axis_angles(frames, dim_t)[:, None, None, :]
-            angle_h = self._axis_angles(height, dim_h)[None, :, None, :]
-            angle_w = self._axis_angles(width, dim_w)[None, None, :, :]
-            angles = torch.cat(
-                [
-                    angle_t.expand(frames, height, width, -1),
-                    angle_h.expand(frames, height, width, -1),
-                    angle_w.expand(frames, height, width, -1),
-                ],
-                dim=-1,
-            ).reshape(frames * height * width, self.head_dim // 2)
+            angles = grid_angles(grid, self.axis_dims, self.theta)
             self._cache[key] = (angles.cos().float().to(device), angles.sin().float().to(device))
         return self._cache[key]
 
@@ -229,23 +237,12 @@ class SinCosPositionEmbedding3D(nn.Module):
         self.axis_dims = sincos_axis_dims(hidden_size)
         self._cache: dict[tuple[int, int, int, str], Tensor] = {}
 
-    def _axis(self, length: int, dim: int) -> Tensor:
-        """[length, dim]: sin then cos of position x dim/2 frequencies (float64 on the CPU)."""
-        inv_freq = self.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
     def _grid(self, grid: tuple[int, int, int], device: torch.device) -> Tensor:
         key = (*grid, str(device))
         if key not in self._cache:
-            frames, height, width = grid
-            dim_t, dim_h, dim_w = self.axis_dims
-            parts = [
-                self._axis(frames, dim_t)[:, None, None].expand(frames, height, width, -1),
-                self._axis(height, dim_h)[None, :, None].expand(frames, height, width, -1),
-                self._axis(width, dim_w)[None, None, :].expand(frames, height, width, -1),
-            ]
-            table = torch.cat(parts, dim=-1).reshape(frames * height * width, self.hidden_size)
+            angles = grid_angles(grid, self.axis_dims, self.theta)
+            per_axis = angles.split([dim // 2 for dim in self.axis_dims], dim=-1)
+            table = torch.cat([part for a in per_axis for part in (a.sin(), a.cos())], dim=-1)
             self._cache[key] = table.float().to(device)
         return self._cache[key]
 
