@@ -73,6 +73,11 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: token_budget, lr and max_area must be positive")
         if self.sequence_parallel < 1:
             raise ValueError(f"stage {self.name!r}: sequence_parallel must be >= 1")
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(
+                f"stage {self.name!r}: shift must be > 0 (or null for the token-count shift), "
+                f"got {self.shift}"
+            )
         self._check_cond_modes()
 
     def _check_cond_modes(self) -> None:

@@ -36,6 +36,14 @@ def test_bad_stage_rejected(kwargs) -> None:
         Stage(**args)
 
 
+@pytest.mark.parametrize("shift", [0.0, -4.0])
+def test_non_positive_shift_rejected(shift: float) -> None:
+    """A shift <= 0 would map every training timestep to 0 or out of [0, 1]."""
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        Stage(name="x", steps=1, shift=shift)
+    assert Stage(name="x", steps=1, shift=4.0).shift == 4.0
+
+
 def test_duplicate_names_rejected() -> None:
     with pytest.raises(ValueError, match="unique"):
         Curriculum(stages=[Stage("a", 1), Stage("a", 1)])
