@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,3 +70,21 @@ def test_data_bench_reports_packing_and_loader_speed(capsys: pytest.CaptureFixtu
     for key in ("loader_samples_per_s_per_worker", "raw_decode_samples_per_s"):
         assert result[key] > 0, key
     assert 0 < result["loader_vs_decode_ratio"] < 10
+
+
+def test_motion_probe_reads_true_clips_and_prints_its_curve(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    probe = load_bench("motion_probe")
+    args = probe.parse_args(["--tiny"])
+    true_travel = args.speed * (args.frames - 2)  # last two frames' centroid minus first two's
+    for motion in probe.MOTIONS:
+        start = probe.random_start(np.random.default_rng(1), motion, args)
+        delta = probe.travel(probe.disc_latent("blue", motion, start, args))
+        assert probe.read_motion(delta, true_travel) == motion
+    result = probe.main(["--tiny", "--threads", "1"])
+    assert printed_json(capsys) == json.loads(json.dumps(result))
+    assert result["true_along_px"] == pytest.approx(true_travel, rel=0.02)
+    assert [point["step"] for point in result["curve"]] == [2, 4]
+    assert 0 <= result["final"]["direction_acc"] <= 1 and result["clips_seen"] == 12
+    assert set(result["final"]["mean_travel"]) == set(probe.MOTIONS)
