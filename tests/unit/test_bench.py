@@ -82,8 +82,13 @@ def test_motion_probe_reads_true_clips_and_prints_its_curve(
         start = probe.random_start(np.random.default_rng(1), motion, args)
         delta = probe.travel(probe.disc_latent("blue", motion, start, args))
         assert probe.read_motion(delta, true_travel) == motion
+    for bad in (["--eval-every", "0"], ["--speed", "2"], ["--text-layers", "0,last"]):
+        with pytest.raises(SystemExit):  # a usage error before the text encoder loads
+            probe.parse_args(bad)
+    capsys.readouterr()
     result = probe.main(["--tiny", "--threads", "1"])
     assert printed_json(capsys) == json.loads(json.dumps(result))
+    assert result["text_layers"] == [-1]
     assert result["true_along_px"] == pytest.approx(true_travel, rel=0.02)
     assert [point["step"] for point in result["curve"]] == [2, 4]
     assert 0 <= result["final"]["direction_acc"] <= 1 and result["clips_seen"] == 12

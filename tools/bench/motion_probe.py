@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -58,7 +59,9 @@ MARGIN = 3.0  # latent pixels kept between the disc's centre and the border
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dit-config", default=str(ROOT / "conf/model/dit/demo.yaml"))
-    parser.add_argument("--text-layers", default="-1", help="TextEncoderConfig.layers, e.g. 0,-1")
+    parser.add_argument(
+        "--text-layers", type=int_list, default=(-1,), help="TextEncoderConfig.layers, e.g. 0,-1"
+    )
     parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("--batch", type=int, default=3, help="clips per step")
     parser.add_argument("--eval-every", type=int, default=500)
@@ -76,7 +79,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.steps, args.eval_every, args.eval_seeds, args.sample_steps = 4, 2, 1, 2
+    for name in ("steps", "batch", "eval_every", "eval_seeds", "sample_steps", "frames"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for motion in DIRECTIONS:  # every translation must fit before anything loads
+        try:
+            random_start(np.random.default_rng(0), motion, args)
+        except ValueError as error:
+            parser.error(str(error))
     return args
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """ "0,-1" -> (0, -1), for --text-layers; argparse reports anything else as a usage error."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def disc_latent(colour: str, motion: str, start: tuple[float, float], args: Any) -> Tensor:
@@ -159,12 +180,13 @@ def read_motion(delta: tuple[float, float], true_travel: float) -> str:
 
 def build_dit(args: Any, text_dim: int) -> DiT:
     """The DiT of `--dit-config` (a conf/model/dit preset) with the encoder's text width."""
-    values = OmegaConf.to_container(OmegaConf.load(args.dit_config))
-    values.pop("_target_", None)
-    values["text_dim"] = text_dim
-    if args.tiny:
-        values.update(hidden_size=32, depth=1, num_heads=2)
-    return DiT(DiTConfig(**values))
+    preset = OmegaConf.load(args.dit_config)
+    if preset.get("_target_") != f"{DiTConfig.__module__}.{DiTConfig.__name__}":
+        raise ValueError(
+            f"--dit-config {args.dit_config} is not a DiT preset; pass one of conf/model/dit/*.yaml"
+        )
+    tiny = {"hidden_size": 32, "depth": 1, "num_heads": 2} if args.tiny else {}
+    return DiT(instantiate(preset, text_dim=text_dim, **tiny))
 
 
 @torch.no_grad()
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    layers = tuple(int(layer) for layer in args.text_layers.split(","))
+    layers = args.text_layers
     encoder = TextEncoder(TextEncoderConfig(layers=layers))
     captions = Captions(encoder)
     dit = build_dit(args, encoder.hidden_size)
