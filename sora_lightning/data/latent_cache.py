@@ -432,7 +432,7 @@ def latent_stats(meta: dict) -> tuple[Tensor, Tensor]:
     return torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
 
 
-def _layer_list(text: str) -> tuple[int, ...]:
+def layer_list(text: str) -> tuple[int, ...]:
     """argparse type of --text-layers: "0,-1" -> (0, -1); anything else is a usage error."""
     try:
         return tuple(int(layer) for layer in text.split(","))
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-max-length", type=int, default=64)
     parser.add_argument(
         "--text-layers",
-        type=_layer_list,
+        type=layer_list,
         default=(-1,),
         help="comma-separated hidden-state indices concatenated (model.text.layers), e.g. 0,-1",
     )

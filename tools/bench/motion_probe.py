@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from sora_lightning.data import world
+from sora_lightning.data.latent_cache import layer_list
 from sora_lightning.data.packing import pack_samples
 from sora_lightning.diffusion import flow
 from sora_lightning.models.dit import DiT, DiTConfig
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dit-config", default=str(ROOT / "conf/model/dit/demo.yaml"))
     parser.add_argument(
-        "--text-layers", type=int_list, default=(-1,), help="TextEncoderConfig.layers, e.g. 0,-1"
+        "--text-layers", type=layer_list, default=(-1,), help="TextEncoderConfig.layers, e.g. 0,-1"
     )
     parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("--batch", type=int, default=3, help="clips per step")
@@ -88,16 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as error:
             parser.error(str(error))
     return args
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """ "0,-1" -> (0, -1), for --text-layers; argparse reports anything else as a usage error."""
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
 
 
 def disc_latent(colour: str, motion: str, start: tuple[float, float], args: Any) -> Tensor:
