@@ -36,7 +36,14 @@ from sora_lightning.data.decode import MediaError
 from sora_lightning.data.latent_cache import CachedSample, load_cache
 from sora_lightning.data.packing import PackedBatch, pack_samples, stream_packs
 from sora_lightning.data.shards import BadSampleCounter, RawSample, load_samples
-from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
+from sora_lightning.data.sources import is_held_out
+from sora_lightning.data.streaming import (
+    ShardIndex,
+    StartAtStepLoader,
+    StreamingStepDataset,
+    build_index,
+)
+from sora_lightning.data.validation import held_out
 from sora_lightning.train.curriculum import Curriculum, Stage
 
 log = logging.getLogger(__name__)
@@ -311,6 +318,12 @@ class PackStepDataset(Dataset):
         return sample.texts[kind].float()
 
 
+def training_split(index: ShardIndex, val_fraction: float) -> ShardIndex:
+    """The index without held-out keys (`sources.is_held_out`): they are never trained on."""
+    keys = tuple(tuple(k for k in keys if not is_held_out(k, val_fraction)) for keys in index.keys)
+    return ShardIndex(index.shards, keys)
+
+
 def _identity(batch):
     return batch
 
@@ -360,8 +373,10 @@ class VAEDataModule(_StepDataModule):
         seed: int,
         num_steps: int,
         num_workers: int = 0,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(num_workers)
+        self.val_fraction = val_fraction
         self.shards, self.kwargs = (
             shards,
             dict(
@@ -379,6 +394,7 @@ class VAEDataModule(_StepDataModule):
         rank, _ = self._rank_world()
         self.bad_samples = BadSampleCounter()
         samples = load_samples(self.shards, stats=self.bad_samples)
+        samples = [s for s in samples if not is_held_out(s.key, self.val_fraction)]
         self.dataset = VAEStepDataset(samples, rank=rank, **self.kwargs)
 
 
@@ -395,7 +411,7 @@ class StreamingVAEDataModule(VAEDataModule):
     def setup(self, stage: str | None = None) -> None:
         rank, world = self._rank_world()
         self.bad_samples = BadSampleCounter()
-        index = build_index(self.shards, self.bad_samples)
+        index = training_split(build_index(self.shards, self.bad_samples), self.val_fraction)
         options = dict(self.kwargs)
         batch_size = options.pop("batch_size")
         self.dataset = StreamingStepDataset(
@@ -437,9 +453,11 @@ class DiTDataModule(_StepDataModule):
         text_dropout: float,
         num_steps: int,
         num_workers: int = 0,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__(num_workers)
         self.cache_dir, self.expected_key, self.curriculum = cache_dir, expected_key, curriculum
+        self.val_fraction = val_fraction
         self.kwargs = dict(
             patch_size=tuple(patch_size),
             spatial_factor=spatial_factor,
@@ -450,10 +468,18 @@ class DiTDataModule(_StepDataModule):
         )
         self.num_steps = num_steps
         self.meta: dict = {}
+        self.val_samples: list[CachedSample] = []
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = self._rank_world()
         samples, null_text, self.meta = load_cache(self.cache_dir, self.expected_key)
+        self.val_samples = held_out(samples, self.val_fraction)  # scored by ValidationLoss
+        samples = [s for s in samples if not is_held_out(s.key, self.val_fraction)]
+        if not samples:
+            raise ValueError(
+                f"every sample of {self.cache_dir} is held out (dataset.val_fraction="
+                f"{self.val_fraction}); lower it or add data"
+            )
         # Skips happened when the cache was written (raw shards -> latents); they count here too.
         self.bad_samples = BadSampleCounter.from_counts(
             self.meta.get("skipped", {}), len(samples), f"latent cache {self.cache_dir}"

@@ -28,6 +28,7 @@ from sora_lightning.data.clips import to_model_range, valid_length
 from sora_lightning.data.decode import MediaError, decode_video
 from sora_lightning.data.resize import FitFrame
 from sora_lightning.data.shards import BadSampleCounter, RawSample, iter_shard_samples
+from sora_lightning.data.sources import is_held_out
 from sora_lightning.models.text import TextEncoder
 from sora_lightning.models.vae import VideoVAE
 from sora_lightning.utils import combined_hash, state_dict_hash, write_json_atomic
@@ -51,16 +52,17 @@ class CacheSettings:
     multiple: int = 8
     """Sides rounded to this (VAE spatial factor x DiT patch size)."""
     max_frames: int = 33
-    """Longest clip cached (1 + 4k); shorter stages use causal prefixes of its latents."""
+    """Longest clip cached (1 + k x the VAE's temporal factor, checked by `train.cache`);
+    shorter stages use causal prefixes of its latents."""
     resize: str = "ffmpeg_bilinear"
     """How frames are fitted: FFmpeg's bilinear scale while converting from YUV, as the VAE
     loaders do (`clips.decode_fitted`), so the DiT sees latents of the pixels the VAE was
     trained on. Caches made before this field (torch area resize) get another key."""
 
     def __post_init__(self) -> None:
-        if self.max_area < self.multiple**2 or (self.max_frames - 1) % 4:
+        if self.max_area < self.multiple**2 or self.max_frames < 1:
             raise ValueError(
-                "cache settings: max_area must hold one multiple^2 tile and max_frames be 1 + 4k"
+                "cache settings: max_area must hold one multiple^2 tile and max_frames be >= 1"
             )
         if self.resize not in CACHE_RESIZES:
             raise ValueError(f"cache settings: resize must be one of {CACHE_RESIZES}")
@@ -425,6 +427,29 @@ def load_cache(
         )
     null_text = safetensors.torch.load_file(str(Path(cache_dir) / NULL_TEXT_NAME))["states"]
     return samples, null_text, meta
+
+
+def _iter_cache_captions(cache_dir: Path, shards: list[str]) -> Iterator[tuple[str, str]]:
+    """(key, caption) of every cached sample, in cache order; JSON only, no tensors."""
+    for shard in shards:
+        for record in wds.WebDataset(
+            str(cache_dir / shard), shardshuffle=False, empty_check=False, nodesplitter=None
+        ):
+            if "json" in record:
+                yield record["__key__"], json.loads(record["json"])["caption"]
+
+
+def held_out_captions(cache_dir: str | Path, val_fraction: float, count: int) -> list[str]:
+    """Captions of up to `count` held-out samples (by key), topped up from training samples.
+
+    Why: prompts for samples and evaluation of any dataset, in the data's own caption style,
+    for content the model never trained on.
+    """
+    meta = read_cache_meta(cache_dir)
+    pairs = sorted(_iter_cache_captions(Path(cache_dir), meta["shards"]))
+    held = [caption for key, caption in pairs if is_held_out(key, val_fraction)]
+    rest = [caption for key, caption in pairs if not is_held_out(key, val_fraction)]
+    return list(dict.fromkeys(held + rest))[:count]
 
 
 def latent_stats(meta: dict) -> tuple[Tensor, Tensor]:

@@ -9,8 +9,9 @@ Shape legend: B samples, L packed tokens, P values per token.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,6 +129,109 @@ def packed_batch_loss(
     )  # [L, P]
     target = velocity_target(batch.x, noise)
     return flow_loss(pred, target, sample_index, batch.num_samples, loss_mask=1.0 - cond_mask)
+
+
+def validation_timesteps(num: int) -> Tensor:
+    """[num] fixed t: the midpoints (i + 0.5) / num of `num` equal bins of (0, 1).
+
+    Why: a validation loss compared across checkpoints and runs must not move with a random draw
+    or with the training schedule (logit-normal, resolution shift). Averaging over these t is the
+    midpoint rule for the loss integrated over uniform t, and it never evaluates the endpoints.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    return ((torch.arange(num, dtype=torch.float64) + 0.5) / num).float()
+
+
+def _noise_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed from (seed, index); hashed so nearby pairs never collide."""
+    if index < 0:
+        raise ValueError(f"sample index must be >= 0, got {index}")
+    digest = hashlib.sha256(f"{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def fixed_noise(shape: Sequence[int], seed: int, index: int) -> Tensor:
+    """Standard-normal float32 noise (on the CPU) owned by one sample, keyed by (seed, index).
+
+    Why: a generator per sample rather than per batch gives a sample the same noise whichever
+    batch it lands in and wherever in it, so its validation loss depends only on the model.
+    """
+    generator = torch.Generator().manual_seed(_noise_seed(seed, index))
+    return torch.randn(tuple(int(size) for size in shape), generator=generator)
+
+
+def validation_noise(batch: PackedBatch, sample_ids: Sequence[int], seed: int) -> Tensor:
+    """[L, P] noise of a packed batch: each sample's `fixed_noise` [N_i, P], in pack order."""
+    if len(sample_ids) != batch.num_samples:
+        raise ValueError(f"{len(sample_ids)} sample ids for {batch.num_samples} samples")
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    width = batch.x.shape[-1]
+    pieces = [
+        fixed_noise((length, width), seed, int(sample_id))
+        for length, sample_id in zip(lengths, sample_ids, strict=True)
+    ]
+    return torch.cat(pieces).to(batch.x)  # [L, P]
+
+
+def scored_samples(batch: PackedBatch) -> int:
+    """Samples with at least one generated token: the ones `flow_loss` averages over."""
+    if batch.cond_mask is None:
+        return batch.num_samples
+    generated = torch.zeros(batch.num_samples, device=batch.cond_mask.device).index_add_(
+        0, cu_to_sample_index(batch.cu_seqlens), 1.0 - batch.cond_mask.float()
+    )
+    return int((generated > 0).sum())
+
+
+@torch.no_grad()
+def validation_loss(
+    model: Callable[..., Tensor],
+    batch: PackedBatch,
+    sample_ids: Sequence[int],
+    *,
+    seed: int = 0,
+    num_timesteps: int = 8,
+    **model_kwargs: Any,
+) -> tuple[Tensor, int]:
+    """Deterministic flow-matching loss of one packed batch of clean latents.
+
+    Why: the training loss draws t and noise at random (and shifts t per stage), so on held-out
+    data it cannot tell two checkpoints apart. Here every sample is scored at the same
+    `validation_timesteps(num_timesteps)`, unshifted, with its own `fixed_noise` keyed by
+    (seed, sample_ids[i]), through the training step's own math: `packed_batch_loss` (noising,
+    clean conditioning frames, per-sample MSE over generated tokens, samples weighed equally).
+
+    `sample_ids` are stable ids of the batch's samples (e.g. their position in the validation
+    set); `model` and `model_kwargs` are what `packed_batch_loss` takes (the DiT or its EMA, in
+    eval mode). Returns (mean over this batch's scored samples of their mean over the timesteps,
+    number of scored samples); `mean_validation_loss` weighs batches by that count, so the total
+    does not depend on how the samples were grouped into batches.
+    """
+    noise = validation_noise(batch, sample_ids, seed)  # [L, P]
+    losses = [
+        packed_batch_loss(
+            model, batch, t.repeat(batch.num_samples).to(batch.x.device), noise, **model_kwargs
+        )
+        for t in validation_timesteps(num_timesteps)
+    ]
+    return torch.stack(losses).mean(), scored_samples(batch)
+
+
+def mean_validation_loss(parts: Iterable[tuple[Tensor | float, int]]) -> float:
+    """Sample-weighted mean of `validation_loss` results, accumulated in float64.
+
+    Why: weighing each batch's mean by its scored-sample count makes the number the mean over
+    samples, however they were batched. Batches with no scored sample (loss NaN) are skipped.
+    """
+    total, count = 0.0, 0
+    for loss, num_scored in parts:
+        if num_scored > 0:
+            total += float(loss) * num_scored
+            count += num_scored
+    if count == 0:
+        raise ValueError("no batch had a scored sample (every token was conditioning)")
+    return total / count
 
 
 def sampling_schedule(num_steps: int, shift: float = 1.0) -> Tensor:

@@ -26,6 +26,10 @@ MIN_DETECTOR_ACCURACY = 0.98
 """Below this accuracy on rendered truth the detector is not trusted and evaluation refuses."""
 ATTRIBUTES = ("colour", "shape", "motion")
 HEADLINE_KEYS = (
+    "val_flow_loss",
+    "val_samples",
+    "vae_psnr",
+    "vae_ssim",
     "colour_acc",
     "shape_acc",
     "motion_acc",

@@ -8,10 +8,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from sora_lightning.config import CONFIG_PATH
+from sora_lightning.data.latent_cache import read_cache_meta
 from sora_lightning.data.world import eval_prompts, seen_prompts
 from sora_lightning.eval.evaluate import evaluate, headline
+from sora_lightning.eval.generic import (
+    log_to_tensorboard,
+    prompt_videos,
+    vae_reconstruction,
+    validation_flow_loss,
+)
 from sora_lightning.sample.generate import SampleOptions, load_generator
-from sora_lightning.train.main import CONF_DIR
+from sora_lightning.sample.main import prompts_of
 from sora_lightning.utils import write_json_atomic
 
 PROMPT_SETS = {"held_out": eval_prompts, "seen": seen_prompts}
@@ -26,16 +34,56 @@ def _prompts(name: str) -> list[str]:
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    """Write `eval.json` with accuracies, the detector's accuracy on truth, and chance levels."""
+    """Write `eval.json` (and TensorBoard) for any data, plus the world's adherence when asked.
+
+    Always (when their inputs are given): the held-out validation flow loss (`cache_dir`), the
+    VAE's PSNR/SSIM on held-out clips (`shards`), and each prompt as mp4 + contact sheet. With
+    `world=true`: colour/shape/motion adherence on the world's held-out triples.
+    """
     prompt_set = cfg.get("prompt_set", "held_out")
-    prompts = _prompts(prompt_set)
+    world_prompts = _prompts(prompt_set) if cfg.get("world", True) else []
     settings = SampleOptions.from_config(cfg, seed=0)  # rejects bad sizes before any work
-    generator = load_generator(cfg.ckpt)
+    generator = load_generator(cfg.ckpt, expand_prompts=cfg.get("expand_prompt", True))
+    out_dir = Path(cfg.out_dir)
+    scores: dict = {"settings": {k: v for k, v in asdict(settings).items() if k != "seed"}}
+    scores.update(_generic(cfg, generator, settings, out_dir))
+    if world_prompts:
+        scores.update(_world(cfg, generator, settings, world_prompts))
+        scores["prompt_set"] = prompt_set
+    write_json_atomic(out_dir / "eval.json", scores)
+    log_to_tensorboard(out_dir, scores, step=int(cfg.get("step", 0)))
+    print(headline(scores))
+    return scores
+
+
+def _generic(cfg: DictConfig, generator, settings: SampleOptions, out_dir: Path) -> dict:
+    """The scores that need no knowledge of the data: loss, reconstruction, prompt videos."""
+    scores: dict = {}
+    fraction = float(cfg.get("val_fraction", 0.0))
+    if cfg.get("cache_dir"):
+        budget = int(cfg.get("val_token_budget", 4096))
+        scores.update(validation_flow_loss(generator, cfg.cache_dir, fraction, budget))
+        if cfg.get("shards"):
+            cache_settings = read_cache_meta(cfg.cache_dir)["settings"]
+            limit = int(cfg.get("recon_clips", 16))
+            scores.update(
+                vae_reconstruction(generator, cfg.shards, fraction, cache_settings, limit)
+            )
+    prompts = prompts_of(cfg)
+    if prompts:
+        scores["prompts"] = prompt_videos(
+            generator.generate, prompts, settings, out_dir, int(cfg.get("fps", 8))
+        )
+    return scores
+
+
+def _world(cfg: DictConfig, generator, settings: SampleOptions, prompts: list[str]) -> dict:
+    """Adherence of the world's held-out prompts, scored by the detector proven on truth."""
 
     def generate(prompt: str, seed: int):
         return generator.generate(prompt, replace(settings, seed=seed)).frames
 
-    scores = evaluate(
+    return evaluate(
         generate,
         prompts=prompts,
         num_seeds=cfg.num_seeds,
@@ -43,14 +91,9 @@ def run_eval(cfg: DictConfig) -> dict:
         reconstruct=generator.reconstruct if cfg.ceiling_clips else None,
         ceiling_clips=cfg.ceiling_clips,
     )
-    scores["settings"] = {k: v for k, v in asdict(settings).items() if k != "seed"}
-    scores["prompt_set"] = prompt_set
-    write_json_atomic(Path(cfg.out_dir) / "eval.json", scores)
-    print(headline(scores))
-    return scores
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_eval(cfg)
 

@@ -17,12 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from sora_lightning.config import CONFIG_PATH
 from sora_lightning.eval.evaluate import headline
-from sora_lightning.pipeline.runner import StepResult, run_local
-from sora_lightning.train.main import CONF_DIR, validate
+from sora_lightning.pipeline.ownership import RunFolder
+from sora_lightning.pipeline.runner import StepResult, run_local, select_steps
+from sora_lightning.pipeline.steps import Step
+from sora_lightning.train.main import validate
 from sora_lightning.utils import write_json_atomic
 
-PIPELINE_ONLY_KEYS = ("world", "samples", "eval", "pipeline")
+PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline")
 
 
 def forwarded_overrides(overrides: list[str]) -> list[str]:
@@ -70,29 +73,37 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def written_names(steps: list[Step], slurm: bool) -> list[str]:
+    """Every top-level name in the run folder that running `steps` writes."""
+    names = [step.writes for step in steps] + ["logs", "steps", "pipeline.yaml", "summary.json"]
+    return names + (["slurm"] if slurm else [])
+
+
 def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """Validate the config, then run the requested steps locally or as dependent SLURM jobs."""
+    """Check the config and the run folder, then run the requested steps locally or on SLURM.
+
+    Everything that can be refused is refused here, before any step starts: a bad config, an
+    input that does not exist, a file in the run folder that the pipeline did not write.
+    """
     validate(OmegaConf.merge(cfg, {"task": "vae", "data": {"shards": "x"}}))
+    if cfg.launcher.name not in ("local", "slurm"):
+        raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     names = list(cfg.pipeline.steps) if cfg.pipeline.get("steps") else None
+    steps = select_steps(names, cfg)
+    RunFolder(run_dir).claim(written_names(steps, cfg.launcher.name == "slurm"))
+    (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    forwarded, force = forwarded_overrides(overrides), bool(cfg.pipeline.force)
     if cfg.launcher.name == "slurm":
         from sora_lightning.pipeline.slurm_runner import run_slurm
 
-        results = run_slurm(
-            cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force)
-        )
-    elif cfg.launcher.name == "local":
-        results = run_local(
-            cfg, run_dir, forwarded_overrides(overrides), names, force=bool(cfg.pipeline.force)
-        )
+        results = run_slurm(cfg, run_dir, forwarded, names, force=force)
     else:
-        raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
+        results = run_local(cfg, run_dir, forwarded, names, force=force)
     return summarize(results, run_dir)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="pipeline", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console entry point; exits non-zero when a step failed."""
     summary = run_pipeline(cfg, list(HydraConfig.get().overrides.task))

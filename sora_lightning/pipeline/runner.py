@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sora_lightning.pipeline.steps import STEPS, Step, hash_outputs
+from sora_lightning.pipeline.steps import STEPS, Step, hash_outputs, steps_for
 from sora_lightning.utils import file_sha256, write_json_atomic
 
 
@@ -59,15 +59,19 @@ def run_command(command: list[str], log_path: Path) -> int:
         return process.wait()
 
 
-def select_steps(names: list[str] | None) -> list[Step]:
-    """The requested steps in pipeline order (all by default); unknown names are an error."""
+def select_steps(names: list[str] | None, cfg: DictConfig | None = None) -> list[Step]:
+    """The requested steps in pipeline order (all by default), fitted to `cfg` (`steps_for`).
+
+    An unknown name is an error; a step the config leaves out (the vae step under
+    `vae.pretrained`) is not run even when named.
+    """
     known = {s.name for s in STEPS}
     unknown = set(names or []) - known
     if unknown:
         raise ValueError(
             f"unknown pipeline steps {sorted(unknown)}; known: {[s.name for s in STEPS]}"
         )
-    return [s for s in STEPS if names is None or s.name in names]
+    return [s for s in steps_for(cfg) if names is None or s.name in names]
 
 
 def run_local(
@@ -79,7 +83,7 @@ def run_local(
 ) -> list[StepResult]:
     """Run the selected steps; dependents of a failed step are reported as blocked, not run."""
     results: dict[str, StepResult] = {}
-    for step in select_steps(names):
+    for step in select_steps(names, cfg):
         failed_inputs = [
             i for i in step.inputs if results.get(i) and results[i].status in ("failed", "blocked")
         ]

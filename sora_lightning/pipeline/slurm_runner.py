@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sora_lightning.launch.slurm import SlurmLauncherConfig, launcher_config
 from sora_lightning.pipeline.runner import (
@@ -35,7 +35,7 @@ from sora_lightning.pipeline.runner import (
     select_steps,
     verify,
 )
-from sora_lightning.pipeline.steps import STEPS, Step
+from sora_lightning.pipeline.steps import STEPS, Step, steps_for
 
 TRAINING_STEPS = ("vae", "dit")
 FINAL_STATES = (
@@ -89,10 +89,11 @@ def step_jobs(
     """The jobs of one step, in submission order: [array, merge] for sharded steps, else [step]."""
     if step.splits_into_parts and launcher.array_parts > 1:
         assert step.part_command is not None and step.merge_command is not None
-        parts = step.part_command(cfg, run_dir, launcher.array_parts)
+        kept = step_overrides(overrides, step, launcher)
+        parts = step.part_command(cfg, run_dir, kept, launcher.array_parts)
         return [
             StepJob(step, parts, "parts", launcher.array_parts),
-            StepJob(step, step.merge_command(cfg, run_dir), "merge"),
+            StepJob(step, step.merge_command(cfg, run_dir, kept), "merge"),
         ]
     return [StepJob(step, step.command(cfg, run_dir, step_overrides(overrides, step, launcher)))]
 
@@ -255,7 +256,7 @@ def run_slurm(
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
     results: dict[str, StepResult] = {}
     submitted: dict[str, Submitted] = {}
-    for step in select_steps(names):
+    for step in select_steps(names, cfg):
         if not force and verify(step, run_dir):
             results[step.name] = StepResult(
                 step.name, "skipped", log=str(run_dir / "logs" / f"{step.name}.log")
@@ -267,7 +268,7 @@ def run_slurm(
     states = wait_for_jobs(submitted)
     for name, sub in submitted.items():
         results[name] = step_result(name, sub, states, run_dir, results)
-    return [results[s.name] for s in select_steps(names)]
+    return [results[s.name] for s in select_steps(names, cfg)]
 
 
 def failed_parts(name: str, sub: Submitted, states: dict, run_dir: Path) -> list[dict]:
@@ -302,7 +303,7 @@ def step_result(
         (float(states[j][2] or 0) for j in sub.part_ids() if j in states), default=0.0
     )
     log = str(run_dir / "logs" / f"{name}.log")
-    step = {s.name: s for s in STEPS}[name]
+    step = _bound_step(run_dir, name)
     ids = {"job_id": sub.job_id, **({"array_job_id": sub.array_id} if sub.array_id else {})}
     if status == "COMPLETED" and verify(step, run_dir):
         return StepResult(name, "done", seconds, log, ids)
@@ -330,9 +331,16 @@ def part_log(run_dir: Path, name: str, part: int) -> Path:
     return run_dir / "logs" / f"{name}.part-{part:03d}.log"
 
 
+def _bound_step(run_dir: Path, name: str) -> Step:
+    """Step `name` as the run's config declares it (read from the pipeline.yaml it wrote)."""
+    path = run_dir / "pipeline.yaml"
+    cfg = OmegaConf.load(path) if path.is_file() else None
+    return {s.name: s for s in steps_for(cfg)}[name]  # type: ignore[arg-type]
+
+
 def run_in_job(run_dir: Path, name: str, command: list[str], use_srun: bool) -> int:
     """Inside the job: run the step's command (under srun for multi-rank steps) and write its manifest."""
-    step = {s.name: s for s in STEPS}[name]
+    step = _bound_step(run_dir, name)
     if use_srun:
         command = ["srun", "--kill-on-bad-exit=1", *command]
     in_job = dataclasses.replace(step, command=lambda *_: command)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from sora_lightning.data.sources import DatasetConfig
 from sora_lightning.utils import file_sha256
 
 Command = Callable[[DictConfig, Path, list[str]], list[str]]
-PartCommand = Callable[[DictConfig, Path, int], list[str]]
-"""(cfg, run_dir, num_parts) -> the command of every array task; each task's part index comes
-from $SLURM_ARRAY_TASK_ID, which both sharded CLIs read when --part is not given."""
-MergeCommand = Callable[[DictConfig, Path], list[str]]
+"""(cfg, run_dir, the user's overrides) -> the step's command line."""
+PartCommand = Callable[[DictConfig, Path, list[str], int], list[str]]
+"""(cfg, run_dir, overrides, num_parts) -> the command of every array task; each task's part
+index comes from $SLURM_ARRAY_TASK_ID, which both sharded CLIs read when no part is given."""
+MergeCommand = Callable[[DictConfig, Path, list[str]], list[str]]
 
 
 @dataclass
@@ -44,6 +46,11 @@ class Step:
     def splits_into_parts(self) -> bool:
         return self.part_command is not None and self.merge_command is not None
 
+    @property
+    def writes(self) -> str:
+        """The top-level name in the run folder that this step writes into (its own folder)."""
+        return self.name
+
     def manifest_path(self, run_dir: Path) -> Path:
         return run_dir / "steps" / f"{self.name}.json"
 
@@ -61,87 +68,110 @@ class Step:
 PY = [sys.executable, "-m"]
 
 
+def hydra_value(value: object) -> str:
+    """A value quoted for a Hydra command-line override (paths may hold spaces, = or commas)."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def dataset_config(cfg: DictConfig) -> DatasetConfig:
+    """The typed `dataset` node (checked: a bad source or a missing input fails here)."""
+    return DatasetConfig.from_config(cfg.dataset)
+
+
+def shard_spec(cfg: DictConfig, run: Path) -> str:
+    """Glob of the shards the VAE and cache read: the run's own, or `dataset=shards` in place."""
+    dataset = dataset_config(cfg)
+    if dataset.writes_shards:
+        return str(run / "shards" / "*.tar")
+    return str(Path(str(dataset.path)).expanduser().resolve())
+
+
+def vae_dir(cfg: DictConfig, run: Path) -> Path:
+    """The VAE every later step uses: `vae.pretrained`, else the one this run trains."""
+    pretrained = cfg.get("vae", {}).get("pretrained")
+    return Path(pretrained).expanduser().resolve() if pretrained else run / "vae"
+
+
 def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
-    world = cfg.world
-    return [
-        *PY,
-        "sora_lightning.data.ingest",
-        "--world-clips",
-        str(world.clips),
-        "--world-images",
-        str(world.images),
-        "--seed",
-        str(world.seed),
-        "--output",
-        str(run / "shards"),
-        "--max-count",
-        str(world.shard_max_count),
-        "--overwrite",
-    ]
+    dataset = dataset_config(cfg)
+    out = ["--output", str(run / "shards")]
+    if not dataset.writes_shards:
+        return [*PY, "sora_lightning.data.sources", "--index-shards", str(dataset.path), *out]
+    common = [*out, "--max-count", str(dataset.shard_max_count), "--workers", str(dataset.workers)]
+    common += ["--overwrite"]  # safe: the run folder's shards/ is the pipeline's own (ownership.py)
+    common += [] if dataset.full_decode else ["--quick"]
+    source = {
+        "world": ["--world-clips", str(dataset.clips), "--world-images", str(dataset.images)],
+        "folder": ["--input", str(Path(str(dataset.path)).expanduser().resolve())],
+        "manifest": ["--manifest", str(Path(str(dataset.path)).expanduser().resolve())],
+    }[dataset.name]
+    seed = ["--seed", str(dataset.seed)] if dataset.name == "world" else []
+    return [*PY, "sora_lightning.data.ingest", *source, *seed, *common]
 
 
-def _shards_part(cfg: DictConfig, run: Path, num_parts: int) -> list[str]:
+def _shards_part(cfg: DictConfig, run: Path, _: list[str], num_parts: int) -> list[str]:
     return [*_shards(cfg, run, []), "--no-progress", "--num-parts", str(num_parts)]
 
 
-def _shards_merge(cfg: DictConfig, run: Path) -> list[str]:
+def _shards_merge(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     return [*PY, "sora_lightning.data.ingest", "--merge-summaries", "--output", str(run / "shards")]
 
 
+def _train(overrides: list[str], *args: str) -> list[str]:
+    return [*PY, "sora_lightning.train.main", *overrides, *args]
+
+
 def _vae(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
-    return [
-        *PY,
-        "sora_lightning.train.main",
-        *overrides,
-        "task=vae",
-        f"run_dir={run / 'vae'}",
-        f"data.shards={run / 'shards'}/*.tar",
-    ]
+    shards = hydra_value(shard_spec(cfg, run))
+    return _train(
+        overrides, "task=vae", f"run_dir={hydra_value(run / 'vae')}", f"data.shards={shards}"
+    )
 
 
-def _cache(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
-    text_path = cfg.model.text.get("path")
-    return [
-        *PY,
-        "sora_lightning.data.latent_cache",
-        "--shards",
-        str(run / "shards" / "*.tar"),
-        "--vae-dir",
-        str(run / "vae"),
-        "--output",
-        str(run / "cache"),
-        "--max-area",
-        str(cfg.cache.max_area),
-        "--multiple",
-        str(cfg.cache.multiple),
-        "--max-frames",
-        str(cfg.cache.max_frames),
-        "--text-max-length",
-        str(cfg.model.text.max_length),
-        "--text-layers",
-        ",".join(str(layer) for layer in cfg.model.text.get("layers", [-1])),
-        *(["--text-path", str(text_path)] if text_path else []),
-    ]
+def _cache(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
+    return _train(
+        overrides,
+        "task=cache",
+        f"data.shards={hydra_value(shard_spec(cfg, run))}",
+        f"data.vae_dir={hydra_value(vae_dir(cfg, run))}",
+        f"data.cache_dir={hydra_value(run / 'cache')}",
+    )
 
 
-def _cache_part(cfg: DictConfig, run: Path, num_parts: int) -> list[str]:
-    return [*_cache(cfg, run, []), "--num-parts", str(num_parts)]
+def _cache_part(cfg: DictConfig, run: Path, overrides: list[str], num_parts: int) -> list[str]:
+    return [*_cache(cfg, run, overrides), f"cache.num_parts={num_parts}"]
 
 
-def _cache_merge(cfg: DictConfig, run: Path) -> list[str]:
-    return [*PY, "sora_lightning.data.latent_cache", "--merge", "--output", str(run / "cache")]
+def _cache_merge(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
+    return [*_cache(cfg, run, overrides), "cache.merge=true"]
 
 
 def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
-    return [
-        *PY,
-        "sora_lightning.train.main",
-        *overrides,
+    return _train(
+        overrides,
         "task=dit",
-        f"run_dir={run / 'dit'}",
-        f"data.cache_dir={run / 'cache'}",
-        f"data.vae_dir={run / 'vae'}",
+        f"run_dir={hydra_value(run / 'dit')}",
+        f"data.cache_dir={hydra_value(run / 'cache')}",
+        f"data.vae_dir={hydra_value(vae_dir(cfg, run))}",
+    )
+
+
+def _prompt_source(cfg: DictConfig, run: Path) -> list[str]:
+    """Configured prompts, else held-out captions of the run's own data (any dataset)."""
+    prompts = cfg.samples.get("prompts")
+    if prompts:
+        return [f"prompts=[{','.join(hydra_value(p) for p in prompts)}]"]
+    return [
+        f"prompts_from_cache={hydra_value(run / 'cache')}",
+        f"num_prompts={cfg.samples.get('num_prompts', 4)}",
+        f"val_fraction={dataset_config(cfg).val_fraction}",
     ]
+
+
+def _expand(cfg: DictConfig) -> str:
+    """The world's prompt expander rewrites only the world's grammar: off for other data."""
+    return f"expand_prompt={str(dataset_config(cfg).name == 'world').lower()}"
 
 
 def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
@@ -149,9 +179,10 @@ def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     return [
         *PY,
         "sora_lightning.sample.main",
-        f"ckpt={run / 'dit' / 'final'}",
-        f"out_dir={run / 'samples'}",
-        f"prompts=[{','.join(repr(p) for p in s.prompts)}]",
+        f"ckpt={hydra_value(run / 'dit' / 'final')}",
+        f"out_dir={hydra_value(run / 'samples')}",
+        *_prompt_source(cfg, run),
+        _expand(cfg),
         f"frames={s.frames}",
         f"height={s.height}",
         f"width={s.width}",
@@ -163,11 +194,18 @@ def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
 
 def _eval(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     e = cfg.eval
+    dataset = dataset_config(cfg)
     return [
         *PY,
         "sora_lightning.eval.main",
-        f"ckpt={run / 'dit' / 'final'}",
-        f"out_dir={run / 'eval'}",
+        f"ckpt={hydra_value(run / 'dit' / 'final')}",
+        f"out_dir={hydra_value(run / 'eval')}",
+        f"cache_dir={hydra_value(run / 'cache')}",
+        f"shards={hydra_value(shard_spec(cfg, run))}",
+        f"val_fraction={dataset.val_fraction}",
+        f"world={str(dataset.name == 'world').lower()}",
+        *_prompt_source(cfg, run),
+        _expand(cfg),
         f"frames={e.frames}",
         f"height={e.height}",
         f"width={e.width}",
@@ -184,7 +222,7 @@ def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         "--dit",
         str(run / "dit" / "final"),
         "--vae",
-        str(run / "vae"),
+        str(vae_dir(cfg, run)),
         "--output",
         str(run / "export"),
     ]
@@ -210,9 +248,32 @@ STEPS: tuple[Step, ...] = (
     ),
     Step("dit", ("cache", "vae"), ("dit/final/dit.safetensors", "dit/final/dit.json"), _dit),
     Step("samples", ("dit",), ("samples/*.mp4",), _samples),
-    Step("eval", ("dit",), ("eval/eval.json",), _eval),
+    Step("eval", ("dit", "cache"), ("eval/eval.json",), _eval),
     Step("export", ("dit", "vae"), ("export/dit.safetensors", "export/vae.safetensors"), _export),
 )
+"""Every step in pipeline order, before `steps_for` fits them to a config."""
+
+
+def steps_for(cfg: DictConfig | None) -> tuple[Step, ...]:
+    """The steps as this config runs them.
+
+    `dataset=shards` reads existing shards in place, so its shards step writes only the index;
+    `vae.pretrained=DIR` drops the vae step (later steps read DIR instead).
+    """
+    if cfg is None:
+        return STEPS
+    steps = []
+    pretrained = bool(cfg.get("vae", {}).get("pretrained"))
+    for step in STEPS:
+        if step.name == "vae" and pretrained:
+            continue
+        if step.name == "shards" and not dataset_config(cfg).writes_shards:
+            step = replace(step, outputs=("shards/summary.json",), part_command=None)
+            step = replace(step, merge_command=None)
+        if pretrained and "vae" in step.inputs:
+            step = replace(step, inputs=tuple(i for i in step.inputs if i != "vae"))
+        steps.append(step)
+    return tuple(steps)
 
 
 def hash_outputs(step: Step, run_dir: Path) -> dict[str, str]:

@@ -13,9 +13,10 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from sora_lightning.config import CONFIG_PATH
 from sora_lightning.data.decode import decode_image, decode_video
+from sora_lightning.data.latent_cache import held_out_captions
 from sora_lightning.sample.generate import SampleOptions, load_generator, write_mp4
-from sora_lightning.train.main import CONF_DIR
 
 
 def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None:
@@ -33,17 +34,29 @@ def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None
     return decode_image(data) if image else decode_video(data)[0]
 
 
+def prompts_of(cfg: DictConfig) -> list[str]:
+    """`prompts`, else `num_prompts` held-out captions of the latent cache `prompts_from_cache`."""
+    if cfg.prompts:
+        return list(cfg.prompts)
+    source = cfg.get("prompts_from_cache")
+    if source:
+        return held_out_captions(source, cfg.get("val_fraction", 0.0), cfg.get("num_prompts", 4))
+    return []
+
+
 def sample(cfg: DictConfig) -> list[Path]:
     """Generate every requested prompt; returns the written mp4 paths."""
-    if not cfg.prompt and not cfg.prompts:
-        raise ValueError('nothing to sample: pass prompt="..." or prompts=[...]')
+    if not cfg.prompt and not cfg.prompts and not cfg.get("prompts_from_cache"):
+        raise ValueError(
+            'nothing to sample: pass prompt="...", prompts=[...] or prompts_from_cache=CACHE_DIR'
+        )
     options = SampleOptions.from_config(cfg, cfg.seed)  # sizes checked before loading anything
     generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
     cond = read_conditioning(cfg.image, cfg.video)
     jobs = (
         [(cfg.prompt, Path(cfg.out))]
         if cfg.prompt
-        else [(p, Path(cfg.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(cfg.prompts)]
+        else [(p, Path(cfg.out_dir) / f"{i:03d}.mp4") for i, p in enumerate(prompts_of(cfg))]
     )
     written = []
     for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
@@ -53,7 +66,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

@@ -217,3 +217,57 @@ class BadDataMonitor(L.Callback):
                 stats.describe(),
             )
         stats.check(self.max_bad_fraction)  # RuntimeError naming reasons, shards and keys
+
+
+class ValidationLoss(L.Callback):
+    """Every `every_n_steps` steps and at the end: the EMA DiT's flow loss on the held-out split.
+
+    Why: the training loss is drawn at random t and noise and moves with the curriculum stage,
+    so it cannot say whether a run improves on data it never saw. This number is deterministic
+    (`data.validation.held_out_flow_loss`) and the same as `sora-eval`'s `val_flow_loss` for the
+    same weights, so training curves and evaluations line up. Every rank computes it on the
+    same batches (a sharded EMA needs every rank in its forward); rank 0 logs `val/flow_loss`.
+    """
+
+    def __init__(self, every_n_steps: int, token_budget: int, seed: int = 0) -> None:
+        if every_n_steps < 0 or token_budget < 1:
+            raise ValueError("dit_train.val_every_n_steps must be >= 0 and token budget >= 1")
+        self.every_n_steps, self.token_budget, self.seed = every_n_steps, token_budget, seed
+        self._last_step = -1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_steps:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from sora_lightning.data.validation import held_out_flow_loss
+
+        datamodule = trainer.datamodule
+        samples = getattr(datamodule, "val_samples", [])
+        if not samples or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        meta = datamodule.meta
+        loss = held_out_flow_loss(
+            pl_module.ema,
+            samples,
+            torch.tensor(meta["latent_mean"]),
+            torch.tensor(meta["latent_std"]),
+            patch_size=tuple(pl_module.dit_config.patch_size),
+            token_budget=self.token_budget,
+            seed=self.seed,
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/flow_loss": loss}, step=trainer.global_step)
+        log.info(
+            "step %d: val/flow_loss %.5f on %d held-out samples",
+            trainer.global_step,
+            loss,
+            len(samples),
+        )

@@ -19,8 +19,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from sora_lightning.config import CONFIG_PATH
 from sora_lightning.data.datamodule import DiTDataModule, StreamingVAEDataModule, VAEDataModule
-from sora_lightning.data.latent_cache import CacheSettings, cache_key, read_cache_meta
+from sora_lightning.data.latent_cache import cache_key, read_cache_meta
+from sora_lightning.data.sources import DatasetConfig
 from sora_lightning.launch.slurm import preemption_callbacks
 from sora_lightning.models.dit import DiT
 from sora_lightning.models.text import TextEncoder
@@ -32,7 +34,13 @@ from sora_lightning.parallel.strategies import (
     find_sharded_checkpoint,
     gathered_state_dict,
 )
-from sora_lightning.train.callbacks import BadDataMonitor, ThroughputMonitor, VideoSampleLogger
+from sora_lightning.train.cache import build_cache, cache_settings
+from sora_lightning.train.callbacks import (
+    BadDataMonitor,
+    ThroughputMonitor,
+    ValidationLoss,
+    VideoSampleLogger,
+)
 from sora_lightning.train.checkpoint import (
     CheckpointConfig,
     build_checkpointing,
@@ -46,28 +54,53 @@ from sora_lightning.train.weights import config_to_dict, load_vae, save_module
 from sora_lightning.utils import state_dict_hash
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-TASKS = ("vae", "dit")
+TASKS = ("vae", "cache", "dit")
 
 
 def validate(cfg: DictConfig) -> None:
     """Reject a bad config before any work starts, naming the key and the fix."""
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not one of {TASKS}")
-    if cfg.task == "vae" and not cfg.data.shards:
-        raise ValueError("task=vae needs data.shards (a glob or list of webdataset .tar files)")
+    needs = {
+        "vae": ("shards",),
+        "cache": ("shards", "vae_dir", "cache_dir"),
+        "dit": ("cache_dir", "vae_dir"),
+    }
+    if cfg.task == "cache" and cfg.cache.get("merge"):
+        needs["cache"] = ("cache_dir",)
+    for key in needs[cfg.task]:
+        if not cfg.data.get(key):
+            raise ValueError(
+                f"task={cfg.task} needs data.{key}; run the pipeline's earlier steps or set it"
+            )
     if cfg.task == "dit":
-        for key in ("cache_dir", "vae_dir"):
-            if not cfg.data.get(key):
-                raise ValueError(
-                    f"task=dit needs data.{key}; run the pipeline's earlier steps or set it"
-                )
         try:
             FlowConfig.from_config(OmegaConf.to_container(cfg.dit_train.flow, resolve=True))
         except ValueError as error:
             raise ValueError(f"bad config at `dit_train.flow`: {error}") from error
     for key in ("curriculum", "model.dit", "model.vae", "model.text"):
         _check_node(cfg, key)
+    _check_dataset_and_cache(cfg)
+
+
+def _check_dataset_and_cache(cfg: DictConfig) -> None:
+    """The data source, a pretrained VAE folder and the derived cache settings, checked now."""
+    try:
+        DatasetConfig.from_config(cfg.dataset)
+    except ValueError as error:
+        raise ValueError(f"bad config at `dataset`: {error}") from error
+    pretrained = cfg.get("vae", {}).get("pretrained")
+    if pretrained:
+        missing = [n for n in ("vae.json", "vae.safetensors") if not Path(pretrained, n).is_file()]
+        if missing:
+            raise ValueError(
+                f"vae.pretrained={pretrained} lacks {missing}: point it at a trained VAE folder "
+                "(a run's vae/ or export/)"
+            )
+    try:
+        cache_settings(cfg)
+    except ValueError as error:
+        raise ValueError(f"bad config at `cache`: {error}") from error
 
 
 def _check_node(cfg: DictConfig, key: str) -> None:
@@ -161,15 +194,17 @@ def _fit(
 def _vae_datamodule(cfg: DictConfig, steps: int) -> VAEDataModule:
     """data.loader=memory: shards held in memory, map-style; stream: webdataset streaming."""
     hp, loader = cfg.vae_train, cfg.data.get("loader", "memory")
+    settings = cache_settings(cfg)
     kwargs = dict(
         batch_size=hp.batch_size,
         crop=hp.crop,
         frame_choices=tuple(hp.frame_choices),
-        max_area=cfg.cache.max_area,
-        multiple=cfg.cache.multiple,
+        max_area=settings.max_area,
+        multiple=settings.multiple,
         seed=cfg.seed,
         num_steps=steps,
         num_workers=cfg.data.num_workers,
+        val_fraction=cfg.dataset.val_fraction,
     )
     shards = expand_shards(cfg.data.shards)
     if loader == "stream":
@@ -243,7 +278,7 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     vae = load_vae(cfg.data.vae_dir)
     vae_hash = state_dict_hash(vae.state_dict())
-    expected = cache_key(vae_hash, text.states_hash(), CacheSettings(**cfg.cache))
+    expected = cache_key(vae_hash, text.states_hash(), cache_settings(cfg, vae.config))
     cache_meta = read_cache_meta(cfg.data.cache_dir, expected)
     meta = _dit_meta(cfg.data.vae_dir, vae, vae_hash, text_cfg, cache_meta)
     steps = cfg.trainer.get("max_steps") or curriculum.total_steps
@@ -270,6 +305,7 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         text_dropout=cfg.data.text_dropout,
         num_steps=steps,
         num_workers=cfg.data.num_workers,
+        val_fraction=cfg.dataset.val_fraction,
     )
     samples = VideoSampleLogger(
         list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, **hp.sample_options
@@ -281,6 +317,11 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         [
             ThroughputMonitor(),
             samples,
+            ValidationLoss(
+                hp.get("val_every_n_steps", 0),
+                max(stage.token_budget for stage in curriculum.stages),
+                seed=cfg.seed,
+            ),
             ShardReport(run_dir / "sharding"),
             _bad_data_monitor(cfg),
         ],
@@ -303,6 +344,8 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate, seed, and train the configured task in `cfg.run_dir`; returns a summary."""
     validate(cfg)
+    if cfg.task == "cache":  # writes only into data.cache_dir
+        return build_cache(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -310,7 +353,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return train_vae(cfg, run_dir) if cfg.task == "vae" else train_dit(cfg, run_dir)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console entry point `sora-train`."""
     if cfg.launcher.name == "slurm":

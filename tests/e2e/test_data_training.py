@@ -7,13 +7,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from tiny_runs import scalars
 
+from sora_lightning.config import CONFIG_MODULE
 from sora_lightning.data.ingest import shards_from_world
 from sora_lightning.data.shards import load_samples
-from sora_lightning.train.main import CONF_DIR, train
+from sora_lightning.train.main import train
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 
@@ -28,7 +29,7 @@ def vae_cfg(run_dir: Path, shards: str, *extra: str) -> DictConfig:
         "trainer.enable_progress_bar=false",
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from sora_lightning.train.main import CONF_DIR
+from sora_lightning.config import CONFIG_MODULE
 
 
 def train_overrides(run_dir: Path, cache_run: Path, *extra: str) -> list[str]:
@@ -26,7 +26,7 @@ def train_overrides(run_dir: Path, cache_run: Path, *extra: str) -> list[str]:
 
 def compose_cfg(run_dir: Path, cache_run: Path, *extra: str) -> DictConfig:
     """The same run as a composed config, for calling `train(cfg)` in-process."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=train_overrides(run_dir, cache_run, *extra))
 
 

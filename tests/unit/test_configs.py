@@ -5,14 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sora_lightning.config import CONFIG_MODULE, conf_dir
 from sora_lightning.sample.generate import SampleOptions
-from sora_lightning.train.main import CONF_DIR, validate
+from sora_lightning.train.main import validate
+
+CONF_DIR = conf_dir()  # the installed sora_lightning.conf package (conf/ in an editable install)
 
 GROUPS = [
+    "dataset",
     "model/vae",
     "model/dit",
     "model/text",
@@ -34,7 +38,7 @@ def test_group_has_presets(group: str) -> None:
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_preset_composes_and_instantiates(group: str, option: str) -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"{group}={option}"])
     for node in (cfg.model.vae, cfg.model.dit, cfg.model.text, cfg.curriculum):
         assert instantiate(node, _convert_="all") is not None
@@ -44,23 +48,23 @@ def test_every_preset_composes_and_instantiates(group: str, option: str) -> None
 @pytest.mark.parametrize("name", ["train", "pipeline", "sample", "eval"])
 def test_primary_configs_compose(name: str) -> None:
     overrides = ["ckpt=x"] if name in ("sample", "eval") else ["experiment=demo"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(name, overrides=overrides)
     assert cfg
 
 
 def test_pipeline_experiment_overrides_pipeline_keys() -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("pipeline", overrides=["experiment=tiny"])
-    assert cfg.run_dir == "runs/tiny" and cfg.world.clips < 100
+    assert cfg.run_dir == "runs/tiny" and cfg.dataset.clips < 100
 
 
 def test_bad_config_rejected_before_work() -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=["task=vae"])
     with pytest.raises(ValueError, match="data.shards"):
         validate(cfg)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(
             "train", overrides=["curriculum.stages.0.frames=[2,3]", "task=vae", "data.shards=x"]
         )
@@ -77,7 +81,7 @@ def test_all_yaml_files_are_covered() -> None:
 @pytest.mark.parametrize("name", ["sample", "eval"])
 def test_sampling_entry_points_read_their_options_the_same_way(name: str) -> None:
     """sora-sample and sora-eval build SampleOptions through one reader; unset keys keep defaults."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(name, overrides=["ckpt=x", "frames=9", "shift=3.0", "cfg_interval=[0,0.7]"])
     options = SampleOptions.from_config(cfg, seed=7)
     assert (options.frames, options.shift, options.seed) == (9, 3.0, 7)
@@ -92,7 +96,7 @@ def test_eval_prompt_sets_and_a_bad_name_fails_before_loading(tmp_path: Path) ->
     from sora_lightning.data.world import eval_prompts, seen_prompts
     from sora_lightning.eval.main import _prompts, run_eval
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("eval", overrides=[f"ckpt={tmp_path / 'missing'}"])
         seen = compose("eval", overrides=["ckpt=x", "prompt_set=seen"])
         bad = compose("eval", overrides=[f"ckpt={tmp_path / 'missing'}", "prompt_set=unseen"])
@@ -107,7 +111,7 @@ def test_training_timestep_config_names_flow_config_fields() -> None:
     """dit_train.flow reaches DiTModule as FlowConfig(**flow): every key must be a field."""
     from sora_lightning.train.dit_module import FlowConfig
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "dit_train.flow.logit_mean=-0.5"])
     flow = FlowConfig(**OmegaConf.to_container(cfg.dit_train.flow))
     assert flow.logit_mean == -0.5 and flow == FlowConfig(logit_mean=-0.5)
@@ -123,7 +127,7 @@ def test_training_timestep_config_names_flow_config_fields() -> None:
 def test_bad_flow_config_rejected_at_validation(override: str, message: str) -> None:
     """A typo under dit_train.flow fails before any model or data loads, naming the node."""
     overrides = ["task=dit", "data.cache_dir=c", "data.vae_dir=v", override]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with pytest.raises(ValueError, match=f"dit_train.flow.*{message}"):
         validate(cfg)
@@ -134,7 +138,7 @@ def test_dit_text_dim_must_match_text_layers(tmp_path: Path) -> None:
     from sora_lightning.train.main import train_dit
 
     overrides = ["task=dit", "data.cache_dir=c", "data.vae_dir=v", "model.text.layers=[0,-1]"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with pytest.raises(ValueError, match="model.dit.text_dim=768"):
         train_dit(cfg, tmp_path)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sora_lightning.config import conf_dir
 from sora_lightning.models.dit import DiT, DiTConfig, mean_per_segment
 from sora_lightning.models.layers import SinCosPositionEmbedding3D
 from sora_lightning.models.patches import seqlens_to_cu
 from sora_lightning.models.stats import count_params
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "dit"
+CONF_DIR = conf_dir() / "model" / "dit"
 GRIDS = [(2, 3, 4), (1, 2, 2), (3, 2, 3)]
 TEXT_LENS = [5, 3, 7]
 

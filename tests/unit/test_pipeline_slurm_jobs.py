@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
+from sora_lightning.config import CONFIG_MODULE
 from sora_lightning.launch.slurm import launcher_config
 from sora_lightning.pipeline.slurm_runner import (
     Submitted,
@@ -16,13 +17,12 @@ from sora_lightning.pipeline.slurm_runner import (
     step_result,
 )
 from sora_lightning.pipeline.steps import STEPS
-from sora_lightning.train.main import CONF_DIR
 
 STEP = {s.name: s for s in STEPS}
 
 
 def pipeline_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("pipeline", overrides=["experiment=tiny", "launcher=slurm", *overrides])
 
 

@@ -11,9 +11,10 @@ import transformers
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sora_lightning.config import conf_dir
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig, TextEncoding
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "text"
+CONF_DIR = conf_dir() / "model" / "text"
 CAPTIONS = ["a red ball rolls to the left", "two blue cubes spin slowly"]
 
 

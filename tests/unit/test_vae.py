@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sora_lightning.config import conf_dir
 from sora_lightning.models.vae import (
     DiagonalGaussian,
     FrameConv3d,
@@ -18,7 +17,7 @@ from sora_lightning.models.vae import (
     conv3d_via_conv2d,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "vae"
+CONF_DIR = conf_dir() / "model" / "vae"
 
 
 def tiny_config() -> VAEConfig:
