@@ -11,9 +11,7 @@ from torch import Tensor
 
 from sora_lightning.data.decode import decode_video
 from sora_lightning.data.resize import FitFrame, fit_resolution, resize_frames
-from sora_lightning.data.shards import RawSample
-
-IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp"})
+from sora_lightning.data.shards import IMAGE_EXTS, RawSample
 
 
 def decode_fitted(

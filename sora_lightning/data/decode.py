@@ -3,7 +3,10 @@
 Shards hold media bytes untouched, so every read goes through here: one place decides what
 "broken" means. Bad input never hangs and never leaks an FFmpeg exception: it raises
 `MediaError` whose `reason` is one of `MEDIA_ERROR_REASONS`, so ingest and the data loader
-can count skipped files by cause.
+can count skipped files by cause. What a file is comes from its bytes (FFmpeg's content
+probe, never a file name): bytes FFmpeg cannot open and that carry no known media signature
+are "unsupported_format" (a PDF, notes, random bytes); broken media of a known container are
+"truncated" or "undecodable".
 
 Frames are uint8 numpy arrays [T, H, W, 3] (RGB); an image is a 1-frame video. Colour conversion
 (and, with a converter such as `resize.FitFrame`, resizing) goes through one FFmpeg swscale
@@ -14,6 +17,7 @@ about as much as decoding the frame.
 from __future__ import annotations
 
 import io
+import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,8 +34,38 @@ MEDIA_ERROR_REASONS = (
     "undecodable",
     "unsupported_codec",
     "no_video_stream",
+    "unsupported_format",
 )
 """Every `MediaError.reason`; ingest summaries count skipped files by these names."""
+
+_MEDIA_MAGIC = (
+    b"\x1aE\xdf\xa3",  # EBML: matroska, webm
+    b"RIFF",  # avi, webp (and wav)
+    b"FLV",
+    b"\x89PNG",
+    b"\xff\xd8\xff",  # jpeg
+    b"GIF8",
+    b"OggS",
+    b"0&\xb2u\x8ef\xcf\x11",  # asf, wmv
+    b"\x00\x00\x01",  # MPEG start code: program stream, raw MPEG-1/2/4, h264/hevc
+    b"\x00\x00\x00\x01",  # Annex-B h264/hevc
+    b"II*\x00",  # tiff
+    b"MM\x00*",
+    b"YUV4MPEG2",
+    b"DKIF",  # ivf
+    b"\x06\x0e+4",  # mxf
+    b"nut/multimedia",
+)
+"""Leading bytes of media containers: a file with one that FFmpeg cannot open is broken media
+("undecodable"), not "unsupported_format". ISO-BMFF and MPEG-TS are recognised in
+`_has_media_signature`."""
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
+"""Top-level boxes a mp4/mov file starts with (bytes 4..8)."""
+_TS_PACKET = 188
+"""MPEG-TS packet size: a transport stream has a sync byte "G" at 0 and 188."""
+_HEAD_BYTES = 2 * _TS_PACKET
+"""Leading bytes `sniff_file` hands to `_has_media_signature`."""
+_NOT_MEDIA = "FFmpeg cannot open it as media and its bytes start like no media container ({error})"
 
 _IMAGE_FORMATS = ("image2", "image2pipe")
 """FFmpeg demuxers (besides the `*_pipe` family) that read single still images."""
@@ -83,6 +117,10 @@ class MediaInfo:
     """FFmpeg decoder name, e.g. "h264", "png", "mjpeg"."""
     is_image: bool
     """True for still-image formats (png, jpeg, ...)."""
+    container: str = ""
+    """FFmpeg's demuxer, e.g. "mp4", "mov", "matroska", "webm", "mpegts", "gif", "png_pipe"
+    (ISO-BMFF split into mp4/mov by its brand, matroska/webm by its DocType);
+    `shards.member_ext` names the shard member after it."""
 
 
 def encode_mp4(frames: np.ndarray, fps: int, crf: int = 12) -> bytes:
@@ -146,7 +184,49 @@ def probe(data: bytes) -> MediaInfo:
             duration=0.0 if is_image else _duration(container, stream, num_frames, fps),
             codec=stream.codec_context.name,
             is_image=is_image,
+            container=_container_name(container, data),
         )
+
+
+def sniff_file(path: str | os.PathLike) -> None:
+    """Refuse a file on disk that is no video/image media at all, reading only what FFmpeg needs.
+
+    Raises `MediaError` ("zero_byte", "unsupported_format", "no_video_stream",
+    "unsupported_codec") with the reason `probe` would give for the whole file's bytes, so a
+    large non-media file (an archive, a document) is refused without reading it whole. Returns
+    None for anything that may be media, broken or not: `check_media` on the bytes decides.
+    FFmpeg reads the file through an unnamed handle, so the file name plays no part.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+        if not head:
+            raise MediaError("zero_byte", "the file is empty")
+        handle.seek(0)
+        try:
+            container = av.open(_Unnamed(handle), mode="r")
+        except (av.FFmpegError, ValueError, OSError) as error:
+            if _has_media_signature(head):
+                return
+            raise MediaError("unsupported_format", _NOT_MEDIA.format(error=error)) from error
+        with container:
+            _video_stream(container)
+
+
+class _Unnamed:
+    """A file handle without a `name`: PyAV would pass the name on, and FFmpeg's probe would
+    then trust its extension."""
+
+    def __init__(self, handle: io.BufferedReader) -> None:
+        self._handle = handle
+
+    def read(self, size: int = -1) -> bytes:
+        return self._handle.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
 
 
 def decode_video(
@@ -244,6 +324,8 @@ def _open(data: bytes) -> Iterator[av.container.InputContainer]:
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError, OSError) as error:
+        if not _has_media_signature(data):
+            raise MediaError("unsupported_format", _NOT_MEDIA.format(error=error)) from error
         reason = "truncated" if _looks_truncated(data) else "undecodable"
         raise MediaError(reason, f"FFmpeg cannot open it ({error})") from error
     try:
@@ -262,6 +344,10 @@ def _video_stream(container: av.container.InputContainer, threads: int = 0) -> a
     """
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams})
+        if not kinds:
+            raise MediaError(
+                "unsupported_format", f"FFmpeg reads it as {container.format.name} with no streams"
+            )
         raise MediaError(
             "no_video_stream", f"container {container.format.name} has streams {kinds} but no video"
         )
@@ -336,6 +422,24 @@ def _count_packets(data: bytes) -> int:
             return sum(1 for packet in container.demux(stream) if packet.size > 0)
         except av.FFmpegError as error:
             raise MediaError("truncated", f"demuxing failed ({error})") from error
+
+
+def _has_media_signature(data: bytes) -> bool:
+    """Do the leading bytes belong to a media container (so a failure to open means breakage)?"""
+    if data.startswith(_MEDIA_MAGIC) or data[4:8] in _ISO_BOXES:
+        return True
+    return data[:1] == data[_TS_PACKET : _TS_PACKET + 1] == b"G"  # MPEG-TS sync bytes
+
+
+def _container_name(container: av.container.InputContainer, data: bytes) -> str:
+    """FFmpeg's demuxer name, with its shared ISO-BMFF and matroska demuxers split by brand."""
+    name = container.format.name
+    if name.startswith("mov,"):
+        brand = str(container.metadata.get("major_brand", "")).strip()
+        return "mov" if data[4:8] != b"ftyp" or brand == "qt" else "mp4"
+    if name.startswith("matroska"):
+        return "webm" if b"\x42\x82\x84webm" in data[:64] else "matroska"
+    return name
 
 
 def _looks_truncated(data: bytes) -> bool:

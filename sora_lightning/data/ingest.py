@@ -14,6 +14,19 @@ inputs i with i % num_parts == part and name their files after the part
 (`shard-{part:03d}-{n:06d}.tar`, `summary.part-{part:03d}.json`); `merge_summaries` then writes
 the dataset's `summary.json`. Keys are assigned from the whole input list before the split, so
 the parts together hold exactly the samples (and keys) of one single run.
+
+Accounting: every input ends as exactly one of a written sample, a caption sidecar, or a skip
+counted by reason, and the summary says so: `"inputs": {"seen", "samples", "captions",
+"skipped"}` with seen == samples + captions + skipped (checked before the summary is written,
+and again when parts are merged). An input is a folder entry (every file below the folder,
+hidden ones and links included), a manifest row, or a world sample. What a file is comes
+from FFmpeg's probe of its bytes, never from its name: a clip saved as `.bin` is a sample, a
+PDF saved as `.mov` is "unsupported_format", and the shard member is named after the probed
+container (`shards.CONTAINER_EXTS`). Folder skip reasons besides the decode and caption ones:
+"orphan_caption" (a `.txt` with no same-stem file), "hidden" (a name starting with "." or
+inside such a folder: `.DS_Store`, `.git/`, editor backups), "symlink" (never followed, so
+nothing outside the input is read and nothing is read twice), "not_regular_file" (fifos,
+sockets, devices: reading them could block), "unreadable" (permissions, vanished files).
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
@@ -45,15 +58,18 @@ from sora_lightning.data.decode import (
     encode_mp4,
     encode_png,
     probe,
+    sniff_file,
 )
-from sora_lightning.data.shards import IMAGE_EXTS, VIDEO_EXTS, write_shards
+from sora_lightning.data.shards import member_ext, write_shards
 
 log = logging.getLogger(__name__)
 
-FOLDER_VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi")
-"""Video files picked up by `shards_from_folder`."""
-FOLDER_IMAGE_EXTS = ("png", "jpg", "jpeg")
-"""Image files picked up by `shards_from_folder`."""
+KEY_FIRST_EXTS = ("mp4", "mov", "mkv", "webm", "avi", "png", "jpg", "jpeg")
+"""Folder files with these extensions reserve their sample keys first, so that `clip.md` never
+takes the key `clip` from `clip.mp4` (and keys stay those of earlier versions, which only took
+these files). Whether a file becomes a sample is decided by probing, never by its extension."""
+CAPTION_SUFFIX = ".txt"
+"""A folder file's caption is the same-stem file with this suffix."""
 SUMMARY_NAME = "summary.json"
 """Written last in the output folder: its presence marks a finished ingest."""
 PART_SUMMARY = "summary.part-{part:03d}.json"
@@ -105,11 +121,12 @@ class Output:
 
 
 class Outcome(NamedTuple):
-    """One input's result: a sample, or why it was skipped (reason, what)."""
+    """One input's result: a sample, a caption sidecar, or why it was skipped (reason, what)."""
 
     sample: dict | None
     reason: str | None = None
     what: str = ""
+    caption: bool = False
 
 
 def _output(out_dir: str | Path, options: dict) -> Output:
@@ -198,51 +215,129 @@ def make_meta(info: MediaInfo, caption: str, captions: dict | None = None, **ext
 def shards_from_folder(
     in_dir: str | Path, out_dir: str | Path, *, full_decode: bool = True, **options: object
 ) -> dict:
-    """Shard every video/image under `in_dir` (recursively) that has a same-stem `.txt` caption.
+    """Shard every file under `in_dir` (recursively) that FFmpeg decodes and that has a same-stem
+    `.txt` caption; count every other file by reason (see the module docstring).
 
-    Media bytes are stored untouched. Files without a usable caption or that fail to probe and
-    decode are skipped and counted by reason in the summary. `options`: fields of `Output`.
+    Media bytes are stored untouched. `options`: fields of `Output`.
     """
     output = _output(out_dir, options)
     root = Path(in_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder {root} does not exist")
-    exts = FOLDER_VIDEO_EXTS + FOLDER_IMAGE_EXTS
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in exts
-    )
-    keys: set[str] = set()
-    jobs = [(path, rel, _unique_key(rel, keys)) for path, rel in _relative(files, root)]
+    entries = sorted(_walk(root, "", hidden=False), key=lambda entry: entry[0].split("/"))
+    jobs, sidecars = _folder_jobs(root, entries)
     request = {"input": str(root.resolve()), "full_decode": full_decode}
-    request["inputs_digest"] = _files_digest([path for path, _, _ in jobs], root)
+    request["inputs_digest"] = _folder_digest(root, entries, sidecars)
     work = functools.partial(_folder_job, full_decode=full_decode)
     return _ingest(jobs, work, output, f"folder:{root}", request)
 
 
-def _relative(files: list[Path], root: Path) -> Iterator[tuple[Path, str]]:
-    for path in files:
-        yield path, path.relative_to(root).as_posix()
+def _walk(folder: Path, prefix: str, *, hidden: bool) -> Iterator[tuple[str, str | None]]:
+    """(relative path, skip reason, or None for a file to probe or read as a caption) of every
+    entry below `folder`. Links are listed, never followed; hidden folders are walked so that
+    each file in them is counted."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError as error:
+        log.warning("cannot list %s: %s", folder, error)
+        yield prefix.rstrip("/") or ".", "unreadable"
+        return
+    for entry in entries:
+        rel = prefix + entry.name
+        in_hidden = hidden or entry.name.startswith(".")
+        if entry.is_symlink():
+            yield rel, "symlink"
+        elif entry.is_dir(follow_symlinks=False):
+            yield from _walk(Path(entry.path), f"{rel}/", hidden=in_hidden)
+        elif not entry.is_file(follow_symlinks=False):
+            yield rel, "not_regular_file"
+        else:
+            yield rel, "hidden" if in_hidden else None
 
 
-def _files_digest(files: Iterable[Path], root: Path) -> str:
-    """Cheap fingerprint of the inputs (names, sizes, mtimes) so a re-run knows they are the same."""
+def _is_caption_file(rel: str) -> bool:
+    return PurePosixPath(rel).suffix.lower() == CAPTION_SUFFIX
+
+
+def _stem(rel: str) -> str:
+    return PurePosixPath(rel).with_suffix("").as_posix()
+
+
+def _folder_jobs(root: Path, entries: list[tuple[str, str | None]]) -> tuple[list, set[str]]:
+    """One job per entry, in order: an `Outcome` decided from the listing (skips, captions), or
+    (path, rel, key, caption path or None) for a file to probe. Also returns the relative paths
+    of the caption sidecars (a `.txt`, any case, ".txt" preferred, of a file's stem)."""
+    files = [rel for rel, reason in entries if reason is None]
+    candidates = [rel for rel in files if not _is_caption_file(rel)]
+    texts = sorted(
+        (rel for rel in files if _is_caption_file(rel)),
+        key=lambda rel: not rel.endswith(CAPTION_SUFFIX),  # stable: path order otherwise
+    )
+    by_stem: dict[str, str] = {}
+    for rel in texts:
+        by_stem.setdefault(_stem(rel), rel)
+    caption_of = {rel: by_stem.get(_stem(rel)) for rel in candidates}
+    sidecars = {rel for rel in caption_of.values() if rel is not None}
+    keys = _folder_keys(candidates)
+    jobs: list = []
+    for rel, reason in entries:
+        if reason is not None:
+            jobs.append(Outcome(None, reason, str(root / rel)))
+        elif rel in keys:
+            caption = caption_of[rel]
+            jobs.append((root / rel, rel, keys[rel], None if caption is None else root / caption))
+        elif rel in sidecars:
+            jobs.append(Outcome(None, None, rel, caption=True))
+        else:
+            jobs.append(Outcome(None, "orphan_caption", str(root / rel)))
+    return jobs, sidecars
+
+
+def _folder_keys(candidates: list[str]) -> dict[str, str]:
+    """Sample keys of the files to probe: those with a `KEY_FIRST_EXTS` extension first."""
+    first = [rel for rel in candidates if PurePosixPath(rel).suffix.lower()[1:] in KEY_FIRST_EXTS]
+    chosen = set(first)
+    rest = [rel for rel in candidates if rel not in chosen]
+    taken: set[str] = set()
+    return {rel: _unique_key(rel, taken) for rel in first + rest}
+
+
+def _folder_digest(root: Path, entries: list[tuple[str, str | None]], sidecars: set[str]) -> str:
+    """Cheap fingerprint of every entry (name, kind, size, mtime; link targets; caption texts),
+    so a re-run knows the folder is the same."""
     digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(
-            f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
-        )
-        caption = path.with_suffix(".txt")
-        if caption.is_file():
-            digest.update(caption.read_bytes() + b"\0")
+    for rel, reason in entries:
+        path = root / rel
+        try:
+            stat = path.lstat()
+            line = f"{rel}\0{reason or ''}\0{stat.st_size}\0{stat.st_mtime_ns}"
+            if reason == "symlink":
+                line += f"\0{os.readlink(path)}"
+            digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+            if rel in sidecars:
+                digest.update(path.read_bytes() + b"\0")
+        except OSError as error:  # unreadable or vanished: its job says so; still fingerprinted
+            digest.update(
+                f"{rel}\0{reason}\0{type(error).__name__}\n".encode("utf-8", "surrogateescape")
+            )
     return digest.hexdigest()
 
 
-def _folder_job(job: tuple[Path, str, str], *, full_decode: bool) -> Outcome:
-    path, rel, key = job
-    caption, reason = _read_caption(path.with_suffix(".txt"))
+def _folder_job(job: tuple[Path, str, str, Path | None], *, full_decode: bool) -> Outcome:
+    """A folder file: not media at all (unsupported_format, ...) comes before a missing caption."""
+    path, rel, key, caption_path = job
+    caption, reason = (None, "missing_caption")
+    if caption_path is not None:
+        caption, reason = _read_caption(caption_path)
     if caption is None:
-        return Outcome(None, reason, str(path.with_suffix(".txt")))
+        try:
+            sniff_file(path)
+        except MediaError as error:
+            return Outcome(None, error.reason, f"{path} ({error})")
+        except OSError as error:
+            return Outcome(None, "unreadable", f"{path} ({error})")
+        return Outcome(None, reason, f"{path} (caption {path.with_suffix(CAPTION_SUFFIX).name})")
     return _media_sample(path, rel, key, caption, None, full_decode)
 
 
@@ -260,9 +355,29 @@ def shards_from_manifest(
     keys: set[str] = set()
     jobs = [(row, manifest.parent, _row_key(row, keys)) for row in rows]
     request = {"manifest": str(manifest.resolve()), "full_decode": full_decode}
-    request["inputs_digest"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    request["inputs_digest"] = _manifest_digest(manifest, rows)
     work = functools.partial(_manifest_job, full_decode=full_decode)
     return _ingest(jobs, work, output, f"manifest:{manifest}", request)
+
+
+def _manifest_digest(manifest: Path, rows: list[dict | None]) -> str:
+    """The manifest's bytes plus each named file's size and mtime (or its absence)."""
+    digest = hashlib.sha256(manifest.read_bytes())
+    for row in rows:
+        if row and row.get("path"):
+            path = _row_path(row, manifest.parent)
+            try:
+                stat = path.stat()
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError as error:
+                digest.update(f"{path}\0{type(error).__name__}\n".encode())
+    return digest.hexdigest()
+
+
+def _row_path(row: dict, base: Path) -> Path:
+    """A row's file: absolute as given, or relative to the manifest's folder."""
+    path = Path(str(row["path"]))
+    return path if path.is_absolute() else base / path
 
 
 def _row_key(row: dict | None, keys: set[str]) -> str | None:
@@ -287,6 +402,8 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
         caption = path.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
         return None, "invalid_utf8_caption"
+    except OSError:
+        return None, "unreadable_caption"
     return (caption, None) if caption else (None, "empty_caption")
 
 
@@ -298,15 +415,22 @@ def _media_sample(
     captions: dict | None,
     full_decode: bool,
 ) -> Outcome:
-    """Read, probe and test-decode one file: a shard sample with its bytes untouched, or a skip."""
-    ext = path.suffix.lower().lstrip(".")
-    if ext not in VIDEO_EXTS + IMAGE_EXTS:
-        return Outcome(None, "unsupported_extension", str(path))
-    data = path.read_bytes()
+    """Probe, read and test-decode one file: a shard sample with its bytes untouched, or a skip.
+
+    The member extension comes from the probed container, not from the file name.
+    """
     try:
+        sniff_file(path)  # refuses a large non-media file before reading it whole
+        data = path.read_bytes()
         info = check_media(data) if full_decode else _quick_check(data)
     except MediaError as error:
         return Outcome(None, error.reason, f"{path} ({error})")
+    except OSError as error:
+        return Outcome(None, "unreadable", f"{path} ({error})")
+    ext = member_ext(info.container)
+    if ext is None:
+        detail = f"FFmpeg reads it as {info.container!r}, a container shards.CONTAINER_EXTS lacks"
+        return Outcome(None, "unsupported_format", f"{path} ({detail})")
     return Outcome(
         {"__key__": key, ext: data, "json": make_meta(info, caption, captions, source=rel)}
     )
@@ -362,7 +486,7 @@ def _parse_row(row: dict | None, base: Path) -> tuple[Path, str, dict | None] | 
     caption = str(row.get("caption") or (captions or {}).get("detailed") or "").strip()
     if not caption:
         return Outcome(None, "empty_caption", str(row["path"]))
-    path = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
+    path = _row_path(row, base)
     if not path.is_file():
         return Outcome(None, "missing_file", str(path))
     return path, caption, captions
@@ -384,42 +508,65 @@ def _ingest(
         return done
     _prepare_output(output)
     skipped: Counter = Counter()
-    samples = _good_samples(_run(jobs, work, output), skipped)
-    return _write(samples, output, skipped, source, request)
+    tally: Counter = Counter()
+    samples = _good_samples(_run(jobs, work, output), skipped, tally)
+    summary = _write(samples, output, skipped, tally, source, request)
+    check_accounting(summary, expected_seen=len(output.select(jobs)))
+    _write_json(output.out_dir / output.summary_name, summary)
+    return summary
 
 
 def _run(jobs: list, work: Callable[[object], Outcome], output: Output) -> Iterator[Outcome]:
-    """Outcomes of this part's jobs in input order, computed by `output.workers` processes."""
+    """Outcomes of this part's jobs in input order; jobs that are already an `Outcome` (decided
+    from a folder listing) pass through, the rest are computed by `output.workers` processes."""
     mine = output.select(jobs)
+    todo = [job for job in mine if not isinstance(job, Outcome)]
     bar = tqdm(total=len(mine), desc="ingest", unit="item", disable=not output.progress)
     with bar:
         if output.workers == 1:
-            for outcome in map(work, mine):
-                bar.update()
-                yield outcome
+            yield from _in_order(mine, map(work, todo), bar)
             return
         # spawn: workers start clean (no forked torch/FFmpeg state); imap keeps input order.
         context = multiprocessing.get_context("spawn")
         with context.Pool(output.workers) as pool:
-            for outcome in pool.imap(work, mine, chunksize=1):
-                bar.update()
-                yield outcome
+            yield from _in_order(mine, pool.imap(work, todo, chunksize=1), bar)
 
 
-def _good_samples(outcomes: Iterable[Outcome], skipped: Counter) -> Iterator[dict]:
-    """Samples of the outcomes; skips are counted by reason and logged (in the main process)."""
-    for sample, reason, what in outcomes:
+def _in_order(mine: list, computed: Iterator[Outcome], bar: tqdm) -> Iterator[Outcome]:
+    for job in mine:
+        yield job if isinstance(job, Outcome) else next(computed)
+        bar.update()
+
+
+_QUIET_REASONS = ("hidden",)
+"""Skips logged at debug level only (a `.git/` folder would flood the log)."""
+
+
+def _good_samples(outcomes: Iterable[Outcome], skipped: Counter, tally: Counter) -> Iterator[dict]:
+    """Samples of the outcomes; every outcome is tallied ("seen", "captions"), skips counted by
+    reason and logged (in the main process)."""
+    for sample, reason, what, caption in outcomes:
+        tally["seen"] += 1
         if sample is not None:
             yield sample
+        elif caption:
+            tally["captions"] += 1
         else:
             skipped[reason] += 1
-            log.warning("skipping %s: %s", what, reason)
+            level = logging.DEBUG if reason in _QUIET_REASONS else logging.WARNING
+            log.log(level, "skipping %s: %s", what, reason)
 
 
 def _write(
-    samples: Iterable[dict], output: Output, skipped: Counter, source: str, request: dict
+    samples: Iterable[dict],
+    output: Output,
+    skipped: Counter,
+    tally: Counter,
+    source: str,
+    request: dict,
 ) -> dict:
-    """Write shards, then the summary last (atomically) so its presence means "complete"."""
+    """Write shards; returns the summary, which the caller checks and writes last (atomically)
+    so that its presence means "complete"."""
     written = Counter()
 
     def counted() -> Iterator[dict]:
@@ -434,15 +581,34 @@ def _write(
         max_size=output.max_size,
         prefix=output.shard_prefix,
     )
+    inputs = {"seen": tally["seen"], "samples": written["n"], "captions": tally["captions"]}
+    inputs["skipped"] = sum(skipped.values())
     summary = {
         "written": written["n"],
         "skipped": dict(sorted(skipped.items())),
+        "inputs": inputs,
         "shards": [path.name for path in shards],
         "source": source,
         "request": request,
     }
-    _write_json(output.out_dir / output.summary_name, summary)
     return summary
+
+
+def check_accounting(summary: dict, expected_seen: int | None = None) -> None:
+    """Every input is a sample, a caption or a skip: raise RuntimeError (an ingest bug) if not."""
+    inputs = summary.get("inputs") or {}
+    parts = (inputs.get("samples"), inputs.get("captions"), inputs.get("skipped"))
+    if (
+        None in parts
+        or inputs.get("seen") != sum(parts)
+        or inputs["samples"] != summary["written"]
+        or inputs["skipped"] != sum(summary["skipped"].values())
+        or expected_seen not in (None, inputs["seen"])
+    ):
+        raise RuntimeError(
+            f"input accounting does not add up: inputs={inputs}, written={summary['written']}, "
+            f"skipped={summary['skipped']}, inputs listed={expected_seen}; this is a bug in ingest"
+        )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -471,7 +637,8 @@ def _finished(output: Output, request: dict) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     complete = all((output.out_dir / name).is_file() for name in summary.get("shards", []))
-    return summary if summary.get("request") == request and complete else None
+    current = "inputs" in summary  # a summary of a version without input accounting is redone
+    return summary if summary.get("request") == request and complete and current else None
 
 
 def _prepare_output(output: Output) -> None:
@@ -480,7 +647,8 @@ def _prepare_output(output: Output) -> None:
     if old and not output.overwrite:
         raise FileExistsError(
             f"{output.out_dir} already holds files of another ingest ({old[0].name}, ...: other "
-            "inputs or settings, or an interrupted run); pass overwrite=True / --overwrite"
+            "inputs or settings, an interrupted run, or an older version of this tool); pass "
+            "overwrite=True / --overwrite"
         )
     for path in old:
         path.unlink()
@@ -490,8 +658,9 @@ def _prepare_output(output: Output) -> None:
 def merge_summaries(out_dir: str | Path) -> dict:
     """Combine the `summary.part-*.json` of an array ingest into `summary.json` (written last).
 
-    Sums written and skipped (per reason) and lists every part's shards in part order. Refuses
-    when a part is missing or the parts come from different requests, naming the files.
+    Sums written, skipped (per reason) and the input accounting, and lists every part's shards
+    in part order. Refuses when a part is missing or the parts come from different requests,
+    naming the files.
     """
     out = Path(out_dir)
     paths = sorted(out.glob("summary.part-*.json"))
@@ -500,16 +669,20 @@ def merge_summaries(out_dir: str | Path) -> dict:
     parts = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
     _check_parts(out, paths, parts)
     skipped: Counter = Counter()
+    inputs: Counter = Counter()
     for part in parts:
         skipped.update(part["skipped"])
+        inputs.update(part["inputs"])
     request = {k: v for k, v in parts[0]["request"].items() if k != "part"}
     summary = {
         "written": sum(part["written"] for part in parts),
         "skipped": dict(sorted(skipped.items())),
+        "inputs": {key: inputs[key] for key in ("seen", "samples", "captions", "skipped")},
         "shards": [name for part in parts for name in part["shards"]],
         "source": parts[0]["source"],
         "request": request,
     }
+    check_accounting(summary)
     _write_json(out / SUMMARY_NAME, summary)
     return summary
 
@@ -532,6 +705,11 @@ def _check_parts(out: Path, paths: list[Path], parts: list[dict]) -> None:
                 f"{path} was made with other inputs or settings than {paths[0].name}: "
                 f"{request} vs {strip[0]}; rerun the parts with one command line"
             )
+    old = [path.name for path, part in zip(paths, parts, strict=True) if "inputs" not in part]
+    if old:
+        raise ValueError(
+            f"{out}: {old} lack input accounting (an older version): rerun those parts"
+        )
     lost = [name for part in parts for name in part["shards"] if not (out / name).is_file()]
     if lost:
         raise FileNotFoundError(f"{out}: shards listed in part summaries are missing: {lost[:5]}")

@@ -10,10 +10,8 @@ wastes a whole run.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -465,98 +463,3 @@ def layer_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a comma-separated list of integers, e.g. 0,-1"
         ) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """CLI of `tools/cache_latents.py` (and of the pipeline's cache step and its array tasks)."""
-    parser = argparse.ArgumentParser(
-        description="Cache VAE latents and text embeddings of webdataset shards"
-    )
-    parser.add_argument("--shards", help="glob of input .tar shards")
-    parser.add_argument("--vae-dir", help="folder with vae.safetensors + vae.json")
-    parser.add_argument("--output", required=True)
-    parser.add_argument(
-        "--text-path", default=None, help="local Hugging Face encoder (default: MiniLM package)"
-    )
-    parser.add_argument("--text-max-length", type=int, default=64)
-    parser.add_argument(
-        "--text-layers",
-        type=layer_list,
-        default=(-1,),
-        help="comma-separated hidden-state indices concatenated (model.text.layers), e.g. 0,-1",
-    )
-    parser.add_argument("--max-area", type=int, default=CacheSettings.max_area)
-    parser.add_argument("--multiple", type=int, default=CacheSettings.multiple)
-    parser.add_argument("--max-frames", type=int, default=CacheSettings.max_frames)
-    parser.add_argument(
-        "--num-parts", type=int, default=None, help="SLURM array: split input shards into P parts"
-    )
-    parser.add_argument(
-        "--part",
-        type=int,
-        default=None,
-        help="SLURM array: this task's part, input shards i % P == I (default $SLURM_ARRAY_TASK_ID)",
-    )
-    parser.add_argument(
-        "--merge",
-        action="store_true",
-        help="combine the meta.part-*.json of --output into meta.json (after the array)",
-    )
-    return parser
-
-
-def _part(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
-    """This task's part: --part, else the SLURM array index; None without --num-parts."""
-    if args.num_parts is None:
-        if args.part is not None:
-            parser.error("--part needs --num-parts")
-        return None
-    part = args.part
-    if part is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        part = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    if part is None or not 0 <= part < args.num_parts:
-        parser.error(f"need --num-parts P >= 1 and 0 <= --part I < P, got {args.num_parts}, {part}")
-    return part
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: encode shards into a latent + text cache, one array part of it, or merge the parts."""
-    from sora_lightning.models.text import TextEncoderConfig
-    from sora_lightning.train.weights import load_vae
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.merge:
-        meta = merge_cache_parts(args.output)
-        print(f"merged {meta['num_samples']} cached samples in {args.output}, key {meta['key']}")
-        return
-    if not args.shards or not args.vae_dir:
-        parser.error("--shards and --vae-dir are required (unless --merge)")
-    part = _part(args, parser)
-    shards = sorted(glob.glob(args.shards))
-    if not shards:
-        raise SystemExit(
-            f"no shard matches {args.shards}; write shards first (tools/make_shards.py)"
-        )
-    settings = CacheSettings(args.max_area, args.multiple, args.max_frames)
-    encoder = TextEncoder(
-        TextEncoderConfig(
-            path=args.text_path, max_length=args.text_max_length, layers=args.text_layers
-        )
-    )
-    vae = load_vae(args.vae_dir)
-    if part is not None:
-        record = write_cache_part(
-            shards, args.output, vae, encoder, settings, num_parts=args.num_parts, part=part
-        )
-        written = sum(p["written"] for p in record["partials"])
-        print(f"cached part {part}/{args.num_parts}: {written} samples into {args.output}")
-        return
-    meta = write_cache(shards, args.output, vae, encoder, settings)
-    print(
-        f"cached {meta['num_samples']} samples (skipped {meta['skipped']}) into {args.output}, key {meta['key']}"
-    )
-
-
-if __name__ == "__main__":
-    main()

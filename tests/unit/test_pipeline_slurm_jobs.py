@@ -26,15 +26,24 @@ def pipeline_cfg(*overrides: str):
         return compose("pipeline", overrides=["experiment=tiny", "launcher=slurm", *overrides])
 
 
-@pytest.mark.parametrize("name, cli", [("shards", "ingest"), ("cache", "latent_cache")])
-def test_sharded_steps_are_an_array_then_a_merge(name: str, cli: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name, cli, parts_arg, merge_arg",
+    [
+        ("shards", "data.ingest", "--num-parts=3", "--merge-summaries"),
+        ("cache", "train.main", "cache.num_parts=3", "cache.merge=true"),
+    ],
+)
+def test_sharded_steps_are_an_array_then_a_merge(
+    name: str, cli: str, parts_arg: str, merge_arg: str, tmp_path: Path
+) -> None:
     cfg = pipeline_cfg("launcher.array_parts=3")
     launcher = launcher_config(cfg)
     parts, merge = step_jobs(STEP[name], cfg, tmp_path, [], launcher)
     assert (parts.kind, parts.num_parts, merge.kind) == ("parts", 3, "merge")
-    assert parts.command[parts.command.index("--num-parts") + 1] == "3"
-    assert "--part" not in parts.command  # each task's part is $SLURM_ARRAY_TASK_ID
-    assert f"sora_lightning.data.{cli}" in merge.command
+    flat = " ".join(parts.command).replace("--num-parts 3", "--num-parts=3")
+    assert parts_arg in flat
+    assert "--part " not in flat and "cache.part=" not in flat  # part: $SLURM_ARRAY_TASK_ID
+    assert f"sora_lightning.{cli}" in merge.command and merge_arg in merge.command
     script = batch_script(parts, tmp_path, launcher)
     assert "#SBATCH --array=0-2" in script and "--part-task" in script
     assert f"#SBATCH --output={tmp_path}/slurm/{name}-parts-%A_%a.out" in script
@@ -45,7 +54,7 @@ def test_sharded_steps_are_an_array_then_a_merge(name: str, cli: str, tmp_path: 
 def test_one_part_and_unsharded_steps_stay_one_job(tmp_path: Path) -> None:
     cfg = pipeline_cfg("launcher.array_parts=1")
     (job,) = step_jobs(STEP["cache"], cfg, tmp_path, [], launcher_config(cfg))
-    assert job.kind == "step" and "--num-parts" not in job.command
+    assert job.kind == "step" and not any("num_parts" in arg for arg in job.command)
     cfg = pipeline_cfg("launcher.nodes=2")
     (job,) = step_jobs(STEP["dit"], cfg, tmp_path, [], launcher_config(cfg))
     assert "trainer.num_nodes=2" in job.command
@@ -78,14 +87,13 @@ def test_failed_array_tasks_are_reported_with_their_logs(tmp_path: Path) -> None
     assert part["slurm_log"] == str(tmp_path / "slurm" / "cache-parts-11_1.out")
 
 
-def test_cache_step_passes_text_layers_the_cache_cli_parses(tmp_path: Path) -> None:
-    """model.text.layers reaches the cache CLI, so the cache holds the states the DiT reads."""
-    from sora_lightning.data.latent_cache import build_parser
-
+def test_cache_step_composes_the_training_config(tmp_path: Path) -> None:
+    """The cache step is `sora-train task=cache` with the user's overrides, so the cache holds
+    the states (model.text.layers) and settings the DiT step expects."""
     cfg = pipeline_cfg("launcher.array_parts=1", "model.text.layers=[0,-1]")
-    (job,) = step_jobs(STEP["cache"], cfg, tmp_path, [], launcher_config(cfg))
-    argv = job.command[job.command.index("sora_lightning.data.latent_cache") + 1 :]
-    assert build_parser().parse_args(argv).text_layers == (0, -1)
-    assert build_parser().parse_args(["--output", "o"]).text_layers == (-1,)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--output", "o", "--text-layers", "0,last"])
+    overrides = ["experiment=tiny", "model.text.layers=[0,-1]"]
+    (job,) = step_jobs(STEP["cache"], cfg, tmp_path, overrides, launcher_config(cfg))
+    assert job.command[job.command.index("sora_lightning.train.main") + 1 :][:3] == [
+        *overrides,
+        "task=cache",
+    ]

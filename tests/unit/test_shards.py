@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sora_lightning.data import clips
 from sora_lightning.data.decode import encode_png
 from sora_lightning.data.shards import (
+    CONTAINER_EXTS,
+    IMAGE_EXTS,
+    MEDIA_EXTS,
+    VIDEO_EXTS,
     BadSampleCounter,
     iter_shard_samples,
     load_samples,
+    member_ext,
     write_shards,
 )
 
@@ -139,3 +145,29 @@ def test_counter_check_threshold() -> None:
         stats.check(0.05)
     with pytest.raises(ValueError, match="threshold"):
         stats.check(1.5)
+
+
+def test_one_rule_names_media_members() -> None:
+    """Every probed container maps into the readers' lists; images are FFmpeg's `*_pipe` ones."""
+    assert not set(VIDEO_EXTS) & set(IMAGE_EXTS) and MEDIA_EXTS == VIDEO_EXTS + IMAGE_EXTS
+    for container, ext in CONTAINER_EXTS.items():
+        assert ext in (IMAGE_EXTS if container.endswith("_pipe") else VIDEO_EXTS), container
+    assert {"mp4", "mov", "mkv", "webm", "avi", "ts", "flv", "mpg", "m4v", "gif"} <= set(VIDEO_EXTS)
+    assert {"png", "jpg", "jpeg", "webp"} <= set(IMAGE_EXTS)
+    assert clips.IMAGE_EXTS is IMAGE_EXTS  # the clip loader decides "image" by the same list
+    assert member_ext("mpegts") == "ts" and member_ext("no_such_demuxer") is None
+
+
+def test_new_member_extensions_read_back(tmp_path: Path) -> None:
+    ok = {"caption": "fine"}
+    samples = [
+        {"__key__": "clip", "ts": b"\x47ts bytes", "json": ok},
+        {"__key__": "anim", "gif": b"GIF89a", "json": ok},
+        {"__key__": "still", "bmp": b"BM", "json": ok},
+    ]
+    loaded = load_samples(write_shards(samples, tmp_path))
+    assert [(s.key, s.media_ext, s.is_image) for s in loaded] == [
+        ("clip", "ts", False),
+        ("anim", "gif", False),
+        ("still", "bmp", True),
+    ]
