@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from media_fixtures import make_real_media_folder
 
 pytestmark = pytest.mark.e2e
