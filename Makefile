@@ -1,22 +1,49 @@
 # Two commands do everything on a fresh machine: `make demo` (the main job) and `make test`.
-# Each creates the local venv first (torch 2.13.0 CPU wheel first, so nothing pulls a CUDA build).
+# Each creates the local venv first: the torch 2.13.0 CPU wheel with pip (pip's find-links has it,
+# so nothing pulls a CUDA build), then every other package at the pinned versions of
+# requirements.lock with uv (torch's own dependencies included), then this project itself
+# (editable, no dependencies). pip takes --no-deps --no-compile: the lock brings torch's
+# dependencies, and byte-compiling all of torch up front is most of pip's time.
+# `make lock` re-resolves requirements.lock after a dependency changes in pyproject.toml.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
+TORCH ?= torch==2.13.0
+UV_VERSION ?= 0.13.9
+# uv does not read pip's configuration: the lock is resolved against pip's find-links (the local
+# torch wheel). Recursive `=`, so pip is asked only when `make lock` runs.
+FIND_LINKS = $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 export DS_BUILD_OPS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow lint clean-runs
+.PHONY: setup lock demo test test-slow lint clean-runs
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps --no-compile $(TORCH) uv==$(UV_VERSION)
+	$(UV) pip install -q --python $(PY) -r $(LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	@# a dependency added to pyproject.toml but not to the lock fails here: run `make lock`
+	$(UV) pip check -q --python $(PY)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+
+# Keeps the pins already in the lock where they still fit; `make lock LOCK_ARGS=--upgrade` moves
+# every package to its newest allowed release.
+lock: $(UV)
+	constraints=$$(mktemp) && echo '$(TORCH)' > $$constraints && \
+	$(UV) pip compile -q pyproject.toml --extra dev --python $(PY) -c $$constraints \
+		$(foreach d,$(FIND_LINKS),--find-links $(d)) --no-emit-package torch \
+		--custom-compile-command 'make lock' $(LOCK_ARGS) -o $(LOCK); \
+	rc=$$?; rm -f $$constraints; exit $$rc
 
 demo: $(STAMP)
 	$(VENV)/bin/sora-pipeline experiment=demo
