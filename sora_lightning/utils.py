@@ -1,11 +1,13 @@
-"""Small helpers shared across layers: hashing weights and files, atomic JSON writes."""
+"""Small helpers shared across layers: hashing weights and files, atomic file writes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +34,65 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON via a temp file + rename so readers never see half a file."""
+def temp_path_for(path: Path) -> Path:
+    """A fresh hidden `.name.<pid>.<random>.tmp` beside `path`.
+
+    Same folder, because `os.replace` is atomic only within one file system; hidden and ending in
+    `.tmp`, so listings skip it and a sweep can find what a killed writer left; unique, so two
+    writers of one file never share a temp file.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's) data to disk: a folder's fsync makes a rename in it durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path to write `path`'s content to; on success it replaces `path` atomically.
+
+    Why: a reader (a resume, a pipeline step checking its outputs, a person) sees the old file or
+    the whole new one, never half of one, and a crash leaves at most a hidden `.tmp` file. The temp
+    file is fsynced before the rename and the folder after it, so once this returns the new file
+    survives a power loss too. Yielding a path (not a handle) serves writers that want a file name
+    (safetensors, PIL, torch.save) as well as plain bytes; on an error the temp file is removed
+    and `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_path` (never half a file)."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 `text` to `path` through `atomic_path` (never half a file)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, payload: Any, *, sort_keys: bool = True) -> None:
+    """Write `payload` as indented JSON (one trailing newline) through `atomic_path`.
+
+    `sort_keys=False` keeps the payload's own order where people read the file (summaries).
+    """
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def combined_hash(*parts: str) -> str:

@@ -1,6 +1,7 @@
 """From a raw shard sample to a model-ready clip: decode, pick frames, resize, convert range.
 
-Clip selection follows the causal VAE: clips have 1 + 4k frames, images are 1-frame clips.
+Clip selection follows the causal VAE: clips have 1 + k * temporal_factor frames (the VAE
+config's factor: `models.vae.is_clip_length`), images are 1-frame clips.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import Tensor
 from sora_lightning.data.decode import decode_video
 from sora_lightning.data.resize import FitFrame, fit_resolution, resize_frames
 from sora_lightning.data.shards import IMAGE_EXTS, RawSample
+from sora_lightning.models.vae import longest_clip_length
 
 
 def decode_fitted(
@@ -31,12 +33,16 @@ def decode_fitted(
     return decode_video(sample.media, frame_indices=frame_indices, convert=fit, threads=1)[0]
 
 
-def valid_length(num_frames: int, temporal_factor: int = 4, max_frames: int | None = None) -> int:
-    """Longest 1 + k*temporal_factor frame count that fits in `num_frames` (and `max_frames`)."""
+def valid_length(num_frames: int, temporal_factor: int, max_frames: int | None = None) -> int:
+    """Longest 1 + k*temporal_factor frame count that fits in `num_frames` (and `max_frames`).
+
+    `temporal_factor` has no default: it is the VAE's (`VAEConfig.temporal_factor`, 2 for the
+    demo VAE, 4 for others), and a guessed one cuts clips the VAE then refuses, or wastes frames.
+    """
     limit = num_frames if max_frames is None else min(num_frames, max_frames)
     if limit < 1:
         raise ValueError(f"clip has {num_frames} frames; need at least 1")
-    return 1 + (limit - 1) // temporal_factor * temporal_factor
+    return longest_clip_length(limit, temporal_factor)
 
 
 def frame_indices(
@@ -45,15 +51,17 @@ def frame_indices(
     native_fps: float,
     target_fps: float | None,
     length: int,
+    temporal_factor: int,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Indices of `length` frames at `target_fps` (by frame selection), from a random start.
 
-    Returns fewer frames (the longest valid prefix) if the clip is too short at that rate.
+    Returns fewer frames (the longest prefix the VAE of `temporal_factor` encodes) if the clip is
+    too short at that rate.
     """
     stride = 1.0 if not target_fps or not native_fps else max(1.0, native_fps / target_fps)
     span = int(np.floor((num_frames - 1) / stride)) + 1
-    length = min(length, valid_length(span))
+    length = min(length, valid_length(span, temporal_factor))
     max_start = num_frames - 1 - int(round((length - 1) * stride))
     start = int(rng.integers(0, max_start + 1)) if rng is not None and max_start > 0 else 0
     return (start + np.round(np.arange(length) * stride)).astype(np.int64)

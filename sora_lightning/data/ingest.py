@@ -60,7 +60,16 @@ from sora_lightning.data.decode import (
     probe,
     sniff_file,
 )
+from sora_lightning.data.parts import (
+    PartRecord,
+    check_part,
+    check_parts,
+    read_part_records,
+    resolve_part,
+    select_part,
+)
 from sora_lightning.data.shards import member_ext, write_shards
+from sora_lightning.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +109,8 @@ class Output:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.num_parts is not None and not 0 <= self.part < self.num_parts:
-            raise ValueError(
-                f"need 0 <= part < num_parts, got part={self.part}, num_parts={self.num_parts}"
-            )
+        if self.num_parts is not None:
+            check_part(self.num_parts, self.part)
 
     @property
     def shard_prefix(self) -> str:
@@ -116,8 +123,8 @@ class Output:
         return SUMMARY_NAME if self.num_parts is None else PART_SUMMARY.format(part=self.part)
 
     def select(self, jobs: list) -> list:
-        """This part's inputs: those at positions i with i % num_parts == part."""
-        return jobs if self.num_parts is None else jobs[self.part :: self.num_parts]
+        """This part's inputs: those at positions i with i % num_parts == part (`parts.py`)."""
+        return select_part(jobs, self.num_parts, self.part)
 
 
 class Outcome(NamedTuple):
@@ -512,7 +519,7 @@ def _ingest(
     samples = _good_samples(_run(jobs, work, output), skipped, tally)
     summary = _write(samples, output, skipped, tally, source, request)
     check_accounting(summary, expected_seen=len(output.select(jobs)))
-    _write_json(output.out_dir / output.summary_name, summary)
+    write_json_atomic(output.out_dir / output.summary_name, summary, sort_keys=False)
     return summary
 
 
@@ -611,12 +618,6 @@ def check_accounting(summary: dict, expected_seen: int | None = None) -> None:
         )
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _own_files(output: Output) -> list[Path]:
     """Files an earlier ingest into this folder (or this part) left: they would mix with ours."""
     out = output.out_dir
@@ -663,11 +664,9 @@ def merge_summaries(out_dir: str | Path) -> dict:
     naming the files.
     """
     out = Path(out_dir)
-    paths = sorted(out.glob("summary.part-*.json"))
-    if not paths:
-        raise FileNotFoundError(f"no summary.part-*.json in {out}; run the --part tasks first")
-    parts = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
-    _check_parts(out, paths, parts)
+    found = read_part_records(out, "summary.part-*.json")
+    _check_summary_parts(out, found)
+    parts = [part for _, part in found]
     skipped: Counter = Counter()
     inputs: Counter = Counter()
     for part in parts:
@@ -683,36 +682,25 @@ def merge_summaries(out_dir: str | Path) -> dict:
         "request": request,
     }
     check_accounting(summary)
-    _write_json(out / SUMMARY_NAME, summary)
+    write_json_atomic(out / SUMMARY_NAME, summary, sort_keys=False)
     return summary
 
 
-def _check_parts(out: Path, paths: list[Path], parts: list[dict]) -> None:
-    """Every part 0..P-1 present once, all of the same request, all shards on disk."""
-    requests = [part.get("request", {}) for part in parts]
-    num_parts = requests[0].get("num_parts")
-    found = sorted(request.get("part") for request in requests)
-    if num_parts is None or found != list(range(num_parts)):
-        missing = sorted(set(range(num_parts or 0)) - set(found))
-        raise FileNotFoundError(
-            f"{out}: expected parts 0..{(num_parts or 1) - 1}, found {found} in "
-            f"{[p.name for p in paths]}; missing parts {missing}: rerun those --part tasks"
-        )
-    strip = [{k: v for k, v in request.items() if k != "part"} for request in requests]
-    for path, request in zip(paths, strip, strict=True):
-        if request != strip[0]:
-            raise ValueError(
-                f"{path} was made with other inputs or settings than {paths[0].name}: "
-                f"{request} vs {strip[0]}; rerun the parts with one command line"
-            )
-    old = [path.name for path, part in zip(paths, parts, strict=True) if "inputs" not in part]
+def _check_summary_parts(out: Path, found: list[tuple[Path, dict]]) -> None:
+    """The parts protocol (`parts.check_parts`), then: every part has input accounting."""
+    records = []
+    for path, part in found:
+        request = dict(part.get("request", {}))
+        index, num_parts = request.pop("part", None), request.get("num_parts")
+        if index is None or num_parts is None:
+            raise ValueError(f"{path} is not the summary of an array task (no part/num_parts)")
+        records.append(PartRecord(path, index, num_parts, request, tuple(part["shards"])))
+    check_parts(out, records)
+    old = [path.name for path, part in found if "inputs" not in part]
     if old:
         raise ValueError(
             f"{out}: {old} lack input accounting (an older version): rerun those parts"
         )
-    lost = [name for part in parts for name in part["shards"] if not (out / name).is_file()]
-    if lost:
-        raise FileNotFoundError(f"{out}: shards listed in part summaries are missing: {lost[:5]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -764,17 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """--num-parts/--part come together; --part defaults to $SLURM_ARRAY_TASK_ID."""
-    if args.num_parts is None:
-        if args.part is not None:
-            parser.error("--part needs --num-parts")
-        return {}
-    part = args.part
-    if part is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        part = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    if part is None or args.num_parts < 1 or not 0 <= part < args.num_parts:
-        parser.error(f"need --num-parts P >= 1 and 0 <= --part I < P, got {args.num_parts}, {part}")
-    return {"num_parts": args.num_parts, "part": part}
+    """--num-parts/--part come together; --part defaults to $SLURM_ARRAY_TASK_ID (`parts.py`)."""
+    try:
+        part = resolve_part(args.num_parts, args.part, names=("--num-parts", "--part"))
+    except ValueError as error:
+        parser.error(str(error))
+    return {} if part is None else {"num_parts": args.num_parts, "part": part}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from sora_lightning.data.clips import to_model_range, valid_length
 from sora_lightning.data.decode import MediaError, decode_video
+from sora_lightning.data.parts import PartRecord, check_parts, read_part_records, select_part
 from sora_lightning.data.resize import FitFrame
 from sora_lightning.data.shards import BadSampleCounter, RawSample, iter_shard_samples
 from sora_lightning.data.sources import is_held_out
 from sora_lightning.models.text import TextEncoder
 from sora_lightning.models.vae import VideoVAE
-from sora_lightning.utils import combined_hash, state_dict_hash, write_json_atomic
+from sora_lightning.utils import atomic_path, combined_hash, state_dict_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 META_NAME = "meta.json"
@@ -258,8 +259,10 @@ def _identity(vae: VideoVAE, encoder: TextEncoder, settings: CacheSettings) -> d
 
 
 def _write_null_text(out: Path, encoder: TextEncoder) -> None:
+    """States of the empty caption (classifier-free guidance), written atomically."""
     states = _text_states(encoder, [""])[0].contiguous()
-    safetensors.torch.save_file({"states": states}, str(out / NULL_TEXT_NAME))
+    with atomic_path(out / NULL_TEXT_NAME) as tmp:
+        safetensors.torch.save_file({"states": states}, str(tmp))
 
 
 def _encode_shards(
@@ -313,13 +316,11 @@ def write_cache_part(
     part: int,
     max_count: int = 2000,
 ) -> dict:
-    """One array task: cache the input shards i with i % num_parts == part; `merge_cache_parts`
-    then writes the meta.json that `write_cache` would have written for all of `shards`."""
-    if not 0 <= part < num_parts:
-        raise ValueError(f"need 0 <= part < num_parts, got part={part}, num_parts={num_parts}")
+    """One array task: cache the input shards i with i % num_parts == part (`parts.py`);
+    `merge_cache_parts` then writes the meta.json `write_cache` would have written for `shards`."""
     out = Path(out_dir)
     shards = list(shards)
-    mine = [(i, s) for i, s in enumerate(shards) if i % num_parts == part]
+    mine = select_part(list(enumerate(shards)), num_parts, part)
     partials, skipped = _encode_shards(mine, out, vae, encoder, settings, max_count)
     if part == 0:
         _write_null_text(out, encoder)
@@ -341,11 +342,9 @@ def merge_cache_parts(out_dir: str | Path) -> dict:
     Refuses, naming the files, when a part is missing or parts disagree on inputs or weights.
     """
     out = Path(out_dir)
-    paths = sorted(out.glob("meta.part-*.json"))
-    if not paths:
-        raise FileNotFoundError(f"no meta.part-*.json in {out}: run the --part tasks first")
-    records = [json.loads(p.read_text()) for p in paths]
-    _check_parts(out, paths, records)
+    found = read_part_records(out, "meta.part-*.json")
+    check_parts(out, [_part_record(path, record) for path, record in found])
+    records = [record for _, record in found]
     skipped: dict[str, int] = {}
     for record in records:
         for reason, n in record["skipped"].items():
@@ -356,30 +355,13 @@ def merge_cache_parts(out_dir: str | Path) -> dict:
     return meta
 
 
-def _check_parts(out: Path, paths: list[Path], records: list[dict]) -> None:
-    """All parts 0..P-1 present, made from the same inputs, weights and settings; files on disk."""
-    num_parts = records[0]["num_parts"]
-    found = sorted(r["part"] for r in records)
-    if found != list(range(num_parts)):
-        missing = sorted(set(range(num_parts)) - set(found))
-        raise FileNotFoundError(
-            f"{out}: expected cache parts 0..{num_parts - 1}, found {found} "
-            f"({[p.name for p in paths]}); rerun the --part tasks {missing}"
-        )
-    for path, record in zip(paths, records, strict=True):
-        same = ("num_parts", "inputs", "identity")
-        if any(record[k] != records[0][k] for k in same):
-            raise ValueError(
-                f"{path.name} and {paths[0].name} were made from other inputs, weights or "
-                f"settings; rerun every --part task with one command line"
-            )
-    lost = [
-        f for r in records for p in r["partials"] for f in p["files"] if not (out / f).is_file()
-    ]
-    if lost or not (out / NULL_TEXT_NAME).is_file():
-        raise FileNotFoundError(
-            f"{out}: files of the parts are missing: {lost[:5] or NULL_TEXT_NAME}"
-        )
+def _part_record(path: Path, record: dict) -> PartRecord:
+    """A cache part for `parts.check_parts`: same inputs, weights and settings; its latent
+    files (and, for part 0, which writes it, the null-caption states) on disk."""
+    files = [name for partial in record["partials"] for name in partial["files"]]
+    files += [NULL_TEXT_NAME] if record["part"] == 0 else []
+    request = {k: record[k] for k in ("num_parts", "inputs", "identity")}
+    return PartRecord(path, record["part"], record["num_parts"], request, tuple(files))
 
 
 def read_cache_meta(cache_dir: str | Path, expected_key: str | None = None) -> dict:

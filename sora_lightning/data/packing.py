@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from sora_lightning.diffusion.flow import frame_cond_mask
 from sora_lightning.models.patches import PatchSize, patchify, seqlens_to_cu, token_grid, unpatchify
 
 Item = TypeVar("Item")
@@ -141,16 +142,6 @@ def _cond_mask(
             frame_cond_mask(gf, count // patch_size[0], frames < 0).repeat_interleave(gh * gw)
         )
     return torch.cat(masks)
-
-
-def frame_cond_mask(num_frames: int, num_cond: int, at_end: bool = False) -> Tensor:
-    """[num_frames] float: 1 on the first (or, at_end, the last) num_cond frames, else 0.
-
-    One definition for training masks and sampling masks, so both condition the same frames.
-    """
-    index = torch.arange(num_frames)
-    keep = index >= num_frames - num_cond if at_end else index < num_cond
-    return keep.float()
 
 
 def unpack_latents(tokens: Tensor, batch: PackedBatch, patch_size: PatchSize) -> list[Tensor]:

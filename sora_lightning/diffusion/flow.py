@@ -12,18 +12,48 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from sora_lightning.models.patches import cu_to_sample_index
 
-if TYPE_CHECKING:
-    from sora_lightning.data.packing import PackedBatch
-
 Velocity = Callable[[Tensor, Tensor], Tensor]
 """velocity(x_t [L, P], t [B]) -> v [L, P]; CFG and packing live inside the closure."""
+
+
+class PackedTokens(Protocol):
+    """What the loss reads of a packed batch (the contract `data.packing.PackedBatch` fulfils)."""
+
+    x: Tensor
+    """[L, P] clean tokens of all samples."""
+    cu_seqlens: Tensor
+    """[B+1] cumulative video-token counts."""
+    grid_sizes: Tensor
+    """[B, 3] token grid per sample."""
+    text: Tensor
+    """[S, Dt] text states of all samples."""
+    text_cu_seqlens: Tensor
+    """[B+1] cumulative text-token counts."""
+    cond: Tensor | None
+    """[L, P] clean conditioning tokens, or None."""
+    cond_mask: Tensor | None
+    """[L] 1.0 on clean conditioning tokens, or None."""
+
+    @property
+    def num_samples(self) -> int: ...
+
+
+def frame_cond_mask(num_frames: int, num_cond: int, at_end: bool = False) -> Tensor:
+    """[num_frames] float: 1 on the first (or, at_end, the last) num_cond frames, else 0.
+
+    One definition for training masks (`data.packing`) and sampling masks (`diffusion.sampling`),
+    so both condition the same frames.
+    """
+    index = torch.arange(num_frames)
+    keep = index >= num_frames - num_cond if at_end else index < num_cond
+    return keep.float()
 
 
 def sample_logit_normal(
@@ -95,7 +125,7 @@ def flow_loss(
 
 def packed_batch_loss(
     model: Callable[..., Tensor],
-    batch: PackedBatch,
+    batch: PackedTokens,
     timesteps: Tensor,
     noise: Tensor,
     **model_kwargs: Any,
@@ -161,7 +191,7 @@ def fixed_noise(shape: Sequence[int], seed: int, index: int) -> Tensor:
     return torch.randn(tuple(int(size) for size in shape), generator=generator)
 
 
-def validation_noise(batch: PackedBatch, sample_ids: Sequence[int], seed: int) -> Tensor:
+def validation_noise(batch: PackedTokens, sample_ids: Sequence[int], seed: int) -> Tensor:
     """[L, P] noise of a packed batch: each sample's `fixed_noise` [N_i, P], in pack order."""
     if len(sample_ids) != batch.num_samples:
         raise ValueError(f"{len(sample_ids)} sample ids for {batch.num_samples} samples")
@@ -174,7 +204,7 @@ def validation_noise(batch: PackedBatch, sample_ids: Sequence[int], seed: int) -
     return torch.cat(pieces).to(batch.x)  # [L, P]
 
 
-def scored_samples(batch: PackedBatch) -> int:
+def scored_samples(batch: PackedTokens) -> int:
     """Samples with at least one generated token: the ones `flow_loss` averages over."""
     if batch.cond_mask is None:
         return batch.num_samples
@@ -187,7 +217,7 @@ def scored_samples(batch: PackedBatch) -> int:
 @torch.no_grad()
 def validation_loss(
     model: Callable[..., Tensor],
-    batch: PackedBatch,
+    batch: PackedTokens,
     sample_ids: Sequence[int],
     *,
     seed: int = 0,

@@ -9,12 +9,12 @@ always in), so a sheet stays readable however long the clip.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sora_lightning.utils import atomic_path
 
 
 def sheet_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
@@ -74,7 +74,7 @@ def contact_sheet(
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write uint8 [H, W, 3] (or [H, W]) as a PNG via a temp file + os.replace.
+    """Write uint8 [H, W, 3] (or [H, W]) as a PNG through `utils.atomic_path`.
 
     Why: a reader (TensorBoard, a pipeline step checking its outputs, a person) never sees half
     a file, and a crash mid-write leaves the previous sheet in place.
@@ -84,15 +84,6 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
         raise ValueError(
             f"image must be uint8 [H, W, 3] or [H, W], got {image.dtype} {image.shape}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(np.ascontiguousarray(image)).save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
     return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ from sora_lightning.data.clips import decode_fitted, valid_length
 from sora_lightning.data.shards import iter_shard_samples
 from sora_lightning.data.sources import is_held_out
 from sora_lightning.data.validation import held_out_flow_loss, load_held_out
+from sora_lightning.diffusion.sampling import SamplingConfig
 from sora_lightning.eval.contact_sheet import contact_sheet, write_png
 from sora_lightning.eval.reconstruction import reconstruction_metrics
-from sora_lightning.sample.generate import SampleOptions, VideoGenerator, write_mp4
+from sora_lightning.sample.generate import VideoGenerator, write_mp4
 
 
 def validation_flow_loss(
@@ -75,17 +75,16 @@ def vae_reconstruction(
 
 
 def prompt_videos(
-    generate: Callable[[str, SampleOptions], Any],
+    generate: Callable[[str, SamplingConfig], Any],
     prompts: list[str],
-    options: SampleOptions,
+    config: SamplingConfig,
     out_dir: Path,
-    fps: int,
 ) -> list[dict[str, Any]]:
     """Each prompt to `samples/NNN.mp4` plus `samples/NNN.png`, a contact sheet of its frames."""
     records = []
     for index, prompt in enumerate(prompts):
-        video = generate(prompt, replace(options, seed=0))
-        mp4 = write_mp4(out_dir / "samples" / f"{index:03d}.mp4", video, fps)
+        video = generate(prompt, config)
+        mp4 = write_mp4(out_dir / "samples" / f"{index:03d}.mp4", video, config.fps)
         png = write_png(out_dir / "samples" / f"{index:03d}.png", contact_sheet(video.frames))
         records.append(
             {

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from sora_lightning.config import CONFIG_PATH
 from sora_lightning.data.latent_cache import read_cache_meta
 from sora_lightning.data.world import eval_prompts, seen_prompts
+from sora_lightning.diffusion.sampling import SamplingConfig
 from sora_lightning.eval.evaluate import evaluate, headline
 from sora_lightning.eval.generic import (
     log_to_tensorboard,
@@ -18,7 +19,7 @@ from sora_lightning.eval.generic import (
     vae_reconstruction,
     validation_flow_loss,
 )
-from sora_lightning.sample.generate import SampleOptions, load_generator
+from sora_lightning.sample.generate import load_generator
 from sora_lightning.sample.main import prompts_of
 from sora_lightning.utils import write_json_atomic
 
@@ -42,7 +43,7 @@ def run_eval(cfg: DictConfig) -> dict:
     """
     prompt_set = cfg.get("prompt_set", "held_out")
     world_prompts = _prompts(prompt_set) if cfg.get("world", True) else []
-    settings = SampleOptions.from_config(cfg, seed=0)  # rejects bad sizes before any work
+    settings = SamplingConfig.from_config(cfg.sampling)  # rejects bad sizes before any work
     generator = load_generator(cfg.ckpt, expand_prompts=cfg.get("expand_prompt", True))
     out_dir = Path(cfg.out_dir)
     scores: dict = {"settings": {k: v for k, v in asdict(settings).items() if k != "seed"}}
@@ -56,7 +57,7 @@ def run_eval(cfg: DictConfig) -> dict:
     return scores
 
 
-def _generic(cfg: DictConfig, generator, settings: SampleOptions, out_dir: Path) -> dict:
+def _generic(cfg: DictConfig, generator, settings: SamplingConfig, out_dir: Path) -> dict:
     """The scores that need no knowledge of the data: loss, reconstruction, prompt videos."""
     scores: dict = {}
     fraction = float(cfg.get("val_fraction", 0.0))
@@ -71,17 +72,15 @@ def _generic(cfg: DictConfig, generator, settings: SampleOptions, out_dir: Path)
             )
     prompts = prompts_of(cfg)
     if prompts:
-        scores["prompts"] = prompt_videos(
-            generator.generate, prompts, settings, out_dir, int(cfg.get("fps", 8))
-        )
+        scores["prompts"] = prompt_videos(generator.generate, prompts, settings, out_dir)
     return scores
 
 
-def _world(cfg: DictConfig, generator, settings: SampleOptions, prompts: list[str]) -> dict:
+def _world(cfg: DictConfig, generator, settings: SamplingConfig, prompts: list[str]) -> dict:
     """Adherence of the world's held-out prompts, scored by the detector proven on truth."""
 
     def generate(prompt: str, seed: int):
-        return generator.generate(prompt, replace(settings, seed=seed)).frames
+        return generator.generate(prompt, replace(settings, seed=settings.seed + seed)).frames
 
     return evaluate(
         generate,

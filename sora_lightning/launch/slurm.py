@@ -7,6 +7,10 @@ the handler only sets a flag; at the next step boundary every rank agrees to sto
 `step=N.ckpt`, and rank 0 hands over to submitit, which pickles the same call again
 (`SlurmTrainJob.checkpoint`) and requeues the job. The requeued job resumes from the newest
 checkpoint like any re-run. Requeues are bounded by `max_requeues`.
+
+A service of train: the training function comes in as an argument (`train.main` passes its own
+`train`), so this module never imports train. submitit pickles the function by its qualified
+name, and the job imports `sora_lightning.train.main` when it unpickles it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _STOP_REQUESTED = threading.Event()
 _HANDLER_ACTIVE = threading.Event()
+
+TrainFn = Callable[[DictConfig], dict[str, Any]]
+"""`train(cfg) -> summary`: what a job runs (a module-level function, so it pickles by name)."""
 
 
 @dataclass
@@ -121,14 +129,12 @@ class PreemptionCheckpoint(L.Callback):
 class SlurmTrainJob(submitit.helpers.Checkpointable):
     """The pickled callable submitit runs on every rank; `checkpoint` makes the requeued copy."""
 
-    def __init__(self, max_requeues: int) -> None:
-        self.max_requeues = max_requeues
+    def __init__(self, train_fn: TrainFn, max_requeues: int) -> None:
+        self.train_fn, self.max_requeues = train_fn, max_requeues
         self.requeues = 0
 
     def __call__(self, cfg_dict: dict[str, Any]) -> dict[str, Any]:
         """Train with SIGUSR2 turned into a step-boundary checkpoint, then requeue through submitit."""
-        from sora_lightning.train.main import train  # the job's import, not the submitter's
-
         env = submitit.JobEnvironment()
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, request_stop)
@@ -136,7 +142,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         configure_job_environment(cfg_dict)
         log.info("%s, requeues so far %d of %d", env, self.requeues, self.max_requeues)
         try:
-            return train(OmegaConf.create(cfg_dict))
+            return self.train_fn(OmegaConf.create(cfg_dict))
         except PreemptedError as stop:
             log.warning("%s (rank %d)", stop, env.global_rank)
             if env.global_rank == 0 and callable(submitit_handler):
@@ -158,17 +164,16 @@ PREEMPTED_EXIT_CODE = 75
 """Exit status (EX_TEMPFAIL) of a rank stopped by SIGUSR2 in a plain sbatch job: "requeue me"."""
 
 
-def train_in_job(cfg: DictConfig) -> dict[str, Any]:
-    """`sora-train` with launcher=local; under srun (slurm/train.sbatch) SIGUSR2 becomes a
-    step-boundary checkpoint and the process exits with PREEMPTED_EXIT_CODE for the script to requeue."""
-    from sora_lightning.train.main import train  # train.main imports this module
-
+def train_in_job(cfg: DictConfig, train_fn: TrainFn) -> dict[str, Any]:
+    """`sora-train` with launcher=local: `train_fn(cfg)`; under srun (slurm/train.sbatch) SIGUSR2
+    becomes a step-boundary checkpoint and the process exits with PREEMPTED_EXIT_CODE for the
+    script to requeue."""
     if "SLURM_STEP_ID" not in os.environ:
-        return train(cfg)
+        return train_fn(cfg)
     signal.signal(signal.SIGUSR2, request_stop)
     _HANDLER_ACTIVE.set()
     try:
-        return train(cfg)
+        return train_fn(cfg)
     except PreemptedError as stop:
         print(
             f"{stop}; exiting with {PREEMPTED_EXIT_CODE} so the batch script requeues", flush=True
@@ -243,13 +248,13 @@ def launcher_config(cfg: DictConfig) -> SlurmLauncherConfig:
     return SlurmLauncherConfig(**OmegaConf.to_container(cfg.launcher, resolve=True))  # type: ignore[arg-type]
 
 
-def submit_training(cfg: DictConfig) -> submitit.Job:
-    """Submit `train(cfg)` as one SLURM job with nodes x tasks_per_node ranks; returns the job."""
+def submit_training(cfg: DictConfig, train_fn: TrainFn) -> submitit.Job:
+    """Submit `train_fn(cfg)` as one SLURM job with nodes x tasks_per_node ranks; returns the job."""
     launcher = launcher_config(cfg)
     folder = Path(launcher.folder)
     folder = folder if folder.is_absolute() else Path(cfg.run_dir).resolve() / folder
     executor = make_executor(launcher, folder)
-    job = executor.submit(SlurmTrainJob(launcher.max_requeues), job_config(cfg, launcher))
+    job = executor.submit(SlurmTrainJob(train_fn, launcher.max_requeues), job_config(cfg, launcher))
     log.info(
         "submitted SLURM job %s (%d ranks); logs in %s", job.job_id, launcher.world_size, folder
     )
@@ -261,12 +266,10 @@ def submit_training(cfg: DictConfig) -> submitit.Job:
     return job
 
 
-def launch_training(cfg: DictConfig) -> dict[str, Any]:
-    """`sora-train launcher=slurm`: submit, and (launcher.wait) wait for rank 0's summary."""
-    from sora_lightning.train.main import validate  # train.main imports this module
-
-    validate(cfg)
-    job = submit_training(cfg)
+def launch_training(cfg: DictConfig, train_fn: TrainFn) -> dict[str, Any]:
+    """`sora-train launcher=slurm`: submit `train_fn(cfg)`, and (launcher.wait) wait for rank 0's
+    summary. The caller validates `cfg` first, so a bad config never reaches the queue."""
+    job = submit_training(cfg, train_fn)
     if not cfg.launcher.get("wait", True):
         return {"job_id": job.job_id, "state": job.state}
     results = job.results()

@@ -18,16 +18,20 @@ each rank embeds, modulates and runs the MLPs of its contiguous token slice only
 exchanges heads for tokens around the attention (Ulysses), cross-attention reads the full caption
 tokens locally, and the per-token outputs [L, P] are gathered at the end, so callers see the same
 result as on one rank. The model never imports a communication library.
+
+Activation checkpointing is applied from outside too (`parallel.strategies.parallelize_module`
+wraps each block when `strategy.activation_checkpointing` is set): the model has no switch of its
+own, so two switches can never nest a checkpoint inside a checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import InitVar, dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from sora_lightning.models.layers import (
     ATTENTION_BACKENDS,
@@ -73,8 +77,10 @@ class DiTConfig:
     use_conditioning: bool = True
     """Add the clean-conditioning channel (image-to-video, extension): the patch embedding
     reads concat(x, cond * mask, mask), i.e. 2P + 1 features per token."""
-    activation_checkpointing: bool = False
-    """Recompute each block in backward to trade compute for activation memory."""
+    activation_checkpointing: InitVar[bool | None] = None
+    """Retired: not a field any more (not saved, not read). Accepted so configs saved before still
+    load; True only warns. Recomputing blocks in backward is `strategy.activation_checkpointing`,
+    applied from outside the model (`parallel.strategies.parallelize_module`)."""
     attn_backend: str = "auto"
     """"auto", "flash" (flash-attn varlen, CUDA) or "sdpa" (per-sample PyTorch SDPA)."""
     rope_theta: float = 10000.0
@@ -90,7 +96,14 @@ class DiTConfig:
     through attention: frames whose tokens are equal get equal outputs. It does not by itself make
     the CPU demo learn motion (README). Parameter-free; off by default for older checkpoints."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, activation_checkpointing: bool | None) -> None:
+        if activation_checkpointing:
+            warnings.warn(
+                "DiTConfig.activation_checkpointing is retired and ignored: set "
+                "strategy.activation_checkpointing=true to recompute DiT blocks in training",
+                UserWarning,
+                stacklevel=3,
+            )
         self.patch_size = tuple(int(p) for p in self.patch_size)  # YAML gives a list
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be three positive ints, got {self.patch_size}")
@@ -396,21 +409,9 @@ class DiT(nn.Module):
             time_emb = time_emb + self.pooled_text_embed(pooled.to(time_emb.dtype))  # [B, D]
         time_mod = self.time_modulation(time_emb).unflatten(1, (NUM_MODULATIONS, -1))  # [B, 6, D]
         for block in self.blocks:
-            tokens = self._run_block(block, tokens, context, time_mod, layout)  # [L_local, D]
+            tokens = block(tokens, context, time_mod, layout)  # [L_local, D]
         out = self.final_layer(tokens, time_emb, layout.sample_index)  # [L_local, P]
         return out if sequence is None else sequence.gather(out)[: x.shape[0]]  # [L, P]
-
-    def _run_block(
-        self,
-        block: DiTBlock,
-        tokens: Tensor,
-        context: Tensor,
-        time_mod: Tensor,
-        layout: PackedLayout,
-    ) -> Tensor:
-        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, tokens, context, time_mod, layout, use_reentrant=False)
-        return block(tokens, context, time_mod, layout)
 
     def _embed_inputs(self, x: Tensor, cond: Tensor | None, cond_mask: Tensor | None) -> Tensor:
         """[L, P] -> [L, 2P+1]: noisy tokens, clean conditioning tokens and their mask."""

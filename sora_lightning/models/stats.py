@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from sora_lightning.models.dit import NUM_MODULATIONS, TIME_FREQUENCY_DIM, DiTConfig
 from sora_lightning.models.patches import token_grid
+from sora_lightning.models.vae import VAEConfig
 
 
 def _linear_params(in_dim: int, out_dim: int) -> int:
@@ -93,15 +94,12 @@ def dit_forward_flops(
 
 
 def latent_token_grid(
-    cfg: DiTConfig,
-    frames: int,
-    height: int,
-    width: int,
-    vae_temporal: int = 4,
-    vae_spatial: int = 8,
+    cfg: DiTConfig, vae: VAEConfig, frames: int, height: int, width: int
 ) -> tuple[int, int, int]:
-    """Pixel clip (T, H, W) -> DiT token grid, through the causal VAE and the patch size."""
-    if (frames - 1) % vae_temporal != 0:
-        raise ValueError(f"{frames} frames is not 1 + {vae_temporal}k (causal VAE)")
-    latent = (1 + (frames - 1) // vae_temporal, height // vae_spatial, width // vae_spatial)
-    return token_grid(latent, cfg.patch_size)
+    """Pixel clip (T, H, W) -> DiT token grid, through the VAE's factors and the patch size.
+
+    Takes the VAE's config, not loose factors, so the clip-length rule and the factors are
+    the VAE's own (`VAEConfig.latent_shape` raises on a clip the VAE cannot encode).
+    """
+    _, *latent = vae.latent_shape(frames, height, width)
+    return token_grid(tuple(latent), cfg.patch_size)

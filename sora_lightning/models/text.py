@@ -146,11 +146,17 @@ class TextEncoder(nn.Module):
         return torch.cat([hidden[layer] for layer in self.config.layers], dim=-1)
 
     def states_hash(self) -> str:
-        """What keys text caches: the weights hash, plus the layers when not just the last one."""
-        if self.config.layers == (-1,):
+        """What keys text caches: the weights hash, plus the layers when not just the last one and
+        the token limit when not the default (a longer caption is cut there). Defaults add nothing,
+        so caches made before either option existed keep their key."""
+        extra = ""
+        if self.config.layers != (-1,):
+            extra += "|layers=" + ",".join(str(layer) for layer in self.config.layers)
+        if self.config.max_length != TextEncoderConfig.max_length:
+            extra += f"|max_length={self.config.max_length}"
+        if not extra:
             return self.weights_hash()
-        layers = ",".join(str(layer) for layer in self.config.layers)
-        return hashlib.sha256(f"{self.weights_hash()}|layers={layers}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.weights_hash()}{extra}".encode()).hexdigest()
 
     def weights_hash(self) -> str:
         """sha256 of the sorted state dict (names and bytes); keys text/latent caches."""

@@ -5,10 +5,10 @@ h, w latent height/width.
 
 Why causal: every op sees only the current and past frames (time padding replicates the first
 frame, norms work per frame), so frame 0 is encoded alone like an image and encoding the first
-1 + 4k frames gives exactly the first 1 + k latents of the whole clip. Images and videos then share
-one latent space, and a long clip can be processed chunk by chunk with a small cache of past
-frames (`encode_chunked` / `decode_chunked`) at flat memory. Large frames can also be tiled in
-space with blended overlaps.
+1 + k * temporal_factor frames gives exactly the first 1 + k latents of the whole clip (the
+clip-length rule, `is_clip_length`). Images and videos then share one latent space, and a long
+clip can be processed chunk by chunk with a small cache of past frames (`encode_chunked` /
+`decode_chunked`) at flat memory. Large frames can also be tiled in space with blended overlaps.
 """
 
 from __future__ import annotations
@@ -22,6 +22,29 @@ from torch import Tensor, nn
 
 # Past input frames of each causal op, carried from one chunk to the next.
 CausalCache = dict[nn.Module, Tensor]
+
+
+def is_clip_length(num_frames: int, temporal_factor: int) -> bool:
+    """Whether a causal VAE of this temporal factor encodes T frames: T = 1 + k * factor, k >= 0.
+
+    The one place of the clip-length rule: frame 0 is encoded alone (an image is a 1-frame clip),
+    then every `temporal_factor` frames become one latent frame. Take the factor from the VAE's
+    config (`VAEConfig.temporal_factor`), never a literal: the demo VAE is 2x in time, others 4x.
+    """
+    return num_frames >= 1 and (num_frames - 1) % temporal_factor == 0
+
+
+def longest_clip_length(num_frames: int, temporal_factor: int) -> int:
+    """The longest clip length (`is_clip_length`) of at most `num_frames` (>= 1) frames."""
+    if num_frames < 1:
+        raise ValueError(f"need at least 1 frame, got {num_frames}")
+    return 1 + (num_frames - 1) // temporal_factor * temporal_factor
+
+
+def clip_lengths_hint(temporal_factor: int) -> str:
+    """The rule as error messages show it, e.g. `1 + 4k (1, 5, 9, 13, 17, ...)` for a factor 4."""
+    examples = ", ".join(str(1 + temporal_factor * k) for k in range(5))
+    return f"1 + {temporal_factor}k ({examples}, ...)"
 
 
 @dataclass
@@ -86,11 +109,10 @@ class VAEConfig:
     def latent_frames(self, num_frames: int) -> int:
         """F for T pixel frames: frame 0 alone, then one latent per temporal_factor frames."""
         factor = self.temporal_factor
-        if num_frames < 1 or (num_frames - 1) % factor != 0:
-            valid = ", ".join(str(1 + factor * k) for k in range(5))
+        if not is_clip_length(num_frames, factor):
             raise ValueError(
-                f"{num_frames} frames cannot be encoded: the causal VAE needs T = 1 + {factor}k "
-                f"frames ({valid}, ...); trim or pad the clip to such a length"
+                f"{num_frames} frames cannot be encoded: the causal VAE needs T = "
+                f"{clip_lengths_hint(factor)} frames; trim or pad the clip to such a length"
             )
         return 1 + (num_frames - 1) // factor
 

@@ -8,10 +8,10 @@ cluster runs is the one the tests exercise here.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from lightning.pytorch.strategies import (
 )
 from torch import nn
 
+from sora_lightning.utils import write_json_atomic
+
 log = logging.getLogger(__name__)
 STRATEGIES = ("auto", "ddp", "deepspeed_zero3", "fsdp2")
 SHARDED = ("deepspeed_zero3", "fsdp2")
@@ -41,7 +43,9 @@ class ParallelConfig:
     name: str = "auto"
     """Strategy name (one of STRATEGIES)."""
     activation_checkpointing: bool = False
-    """Recompute each DiT block in backward (checkpoint_wrapper around every block)."""
+    """Recompute each DiT block in backward (checkpoint_wrapper around every block), trading
+    compute for activation memory. The only switch for it: the DiT has none of its own, so a
+    checkpoint can never run inside another one (what two switches allowed)."""
     param_dtype: str | None = None
     """FSDP2 only: dtype of the all-gathered parameters in forward/backward (mixed precision);
     the sharded master copy stays float32. DeepSpeed takes `trainer.precision=bf16-mixed` instead."""
@@ -126,6 +130,14 @@ def disable_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def free_port() -> int:
+    """An unused local TCP port for the rendezvous of processes spawned on one machine (tests,
+    benchmarks); the OS picks it, so parallel runs never collide on a fixed port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_cpu_deepspeed(rank: int, world_size: int, port: int) -> None:
     """Join a one-machine gloo group through DeepSpeed (spawned test and benchmark workers)."""
     import deepspeed
@@ -200,7 +212,12 @@ def build_strategy(cfg: dict[str, Any], world_size: int | None = None) -> Strate
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
-    """Wrap every block so its activations are recomputed in backward; state-dict keys are unchanged."""
+    """Wrap every block so its activations are recomputed in backward; state-dict keys are unchanged.
+
+    Idempotent (a wrapped block is not wrapped again), so calling it twice never nests checkpoints.
+    Non-reentrant checkpointing (the wrapper's default) also recomputes the sequence-parallel
+    all-to-alls inside a block in backward, and passes the packed layout through untouched.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointWrapper,
         checkpoint_wrapper,
@@ -328,8 +345,7 @@ class ShardReport(Callback):
             "local_numel": local_numel(dit),
             "full_numel": full_numel(dit),
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        write_json_atomic(self.directory / f"rank{trainer.global_rank}.json", report)
         log.info(
             "rank %d stores %d of %d DiT parameter elements",
             report["rank"],

@@ -20,7 +20,7 @@ from rich.table import Table
 from sora_lightning.config import CONFIG_PATH
 from sora_lightning.eval.evaluate import headline
 from sora_lightning.pipeline.ownership import RunFolder
-from sora_lightning.pipeline.runner import StepResult, run_local, select_steps
+from sora_lightning.pipeline.runner import StepResult, config_changes, run_local, select_steps
 from sora_lightning.pipeline.steps import Step
 from sora_lightning.train.main import validate
 from sora_lightning.utils import write_json_atomic
@@ -92,6 +92,13 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     names = list(cfg.pipeline.steps) if cfg.pipeline.get("steps") else None
     steps = select_steps(names, cfg)
     RunFolder(run_dir).claim(written_names(steps, cfg.launcher.name == "slurm"))
+    changed = {} if cfg.pipeline.force else config_changes(steps, cfg, run_dir)
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds finished steps made with other settings: {changed} (step: changed "
+            "config keys). Use a new run_dir, or redo them and what depends on them with "
+            f"pipeline.force=true pipeline.steps=[{','.join(changed)},...]"
+        )
     (run_dir / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     forwarded, force = forwarded_overrides(overrides), bool(cfg.pipeline.force)
     if cfg.launcher.name == "slurm":

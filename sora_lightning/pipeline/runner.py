@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sora_lightning.pipeline.steps import STEPS, Step, hash_outputs, steps_for
+from sora_lightning.pipeline.steps import STEPS, Step, config_fingerprint, hash_outputs, steps_for
 from sora_lightning.utils import file_sha256, write_json_atomic
 
 
@@ -43,6 +43,26 @@ def verify(step: Step, run_dir: Path) -> bool:
         if not file.is_file() or file_sha256(file) != digest:
             return False
     return bool(step.output_files(run_dir))
+
+
+def config_changes(steps: list[Step], cfg: DictConfig, run_dir: Path) -> dict[str, list[str]]:
+    """Finished steps whose outputs still verify but were made with other config values.
+
+    Why: rerunning with a changed setting (say `model.text.layers`) must not reuse outputs made
+    with the old one (the DiT would then refuse the cache after its step was skipped, or worse,
+    samples would come from the old model), and silently redoing a finished training run could
+    throw away hours of work. So the run stops before any work and names the changed keys.
+    """
+    changed = {}
+    for step in steps:
+        if not verify(step, run_dir):
+            continue
+        recorded = json.loads(step.manifest_path(run_dir).read_text()).get("config", {})
+        current = config_fingerprint(step, cfg)
+        keys = [k for k in current if recorded.get(k) != current[k]]
+        if keys:
+            changed[step.name] = keys
+    return changed
 
 
 def run_command(command: list[str], log_path: Path) -> int:
@@ -108,8 +128,8 @@ def _run_step(step: Step, cfg: DictConfig, run_dir: Path, overrides: list[str]) 
     if code != 0 or not step.output_files(run_dir):
         detail = {"exit_code": code, "missing_outputs": not step.output_files(run_dir)}
         return StepResult(step.name, "failed", seconds, str(log_path), detail)
-    write_json_atomic(
-        step.manifest_path(run_dir),
-        {"step": step.name, "seconds": seconds, "outputs": hash_outputs(step, run_dir)},
-    )
+    record = {"step": step.name, "seconds": seconds, "outputs": hash_outputs(step, run_dir)}
+    if cfg is not None:
+        record["config"] = config_fingerprint(step, cfg)
+    write_json_atomic(step.manifest_path(run_dir), record)
     return StepResult(step.name, "done", seconds, str(log_path))

@@ -331,11 +331,15 @@ def part_log(run_dir: Path, name: str, part: int) -> Path:
     return run_dir / "logs" / f"{name}.part-{part:03d}.log"
 
 
-def _bound_step(run_dir: Path, name: str) -> Step:
-    """Step `name` as the run's config declares it (read from the pipeline.yaml it wrote)."""
+def _run_config(run_dir: Path) -> DictConfig | None:
+    """The config the pipeline ran with (it writes pipeline.yaml before submitting any job)."""
     path = run_dir / "pipeline.yaml"
-    cfg = OmegaConf.load(path) if path.is_file() else None
-    return {s.name: s for s in steps_for(cfg)}[name]  # type: ignore[arg-type]
+    return OmegaConf.load(path) if path.is_file() else None  # type: ignore[return-value]
+
+
+def _bound_step(run_dir: Path, name: str) -> Step:
+    """Step `name` as the run's config declares it."""
+    return {s.name: s for s in steps_for(_run_config(run_dir))}[name]
 
 
 def run_in_job(run_dir: Path, name: str, command: list[str], use_srun: bool) -> int:
@@ -344,7 +348,7 @@ def run_in_job(run_dir: Path, name: str, command: list[str], use_srun: bool) -> 
     if use_srun:
         command = ["srun", "--kill-on-bad-exit=1", *command]
     in_job = dataclasses.replace(step, command=lambda *_: command)
-    result = _run_step(in_job, None, run_dir, [])  # type: ignore[arg-type]
+    result = _run_step(in_job, _run_config(run_dir), run_dir, [])  # type: ignore[arg-type]
     print(
         f"step {name}: {result.status} in {result.seconds:.1f} s {result.detail or ''}", flush=True
     )

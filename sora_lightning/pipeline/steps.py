@@ -9,14 +9,16 @@ runner uses that, and the merged outputs equal the single command's.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sora_lightning.data.sources import DatasetConfig
+from sora_lightning.diffusion.sampling import SamplingConfig
 from sora_lightning.utils import file_sha256
 
 Command = Callable[[DictConfig, Path, list[str]], list[str]]
@@ -93,6 +95,12 @@ def vae_dir(cfg: DictConfig, run: Path) -> Path:
     return Path(pretrained).expanduser().resolve() if pretrained else run / "vae"
 
 
+def cache_dir(cfg: DictConfig, run: Path) -> Path:
+    """The latent cache later steps read: `cache.reuse`, else the one this run builds."""
+    reuse = cfg.cache.get("reuse")
+    return Path(reuse).expanduser().resolve() if reuse else run / "cache"
+
+
 def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     dataset = dataset_config(cfg)
     out = ["--output", str(run / "shards")]
@@ -152,7 +160,7 @@ def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
         overrides,
         "task=dit",
         f"run_dir={hydra_value(run / 'dit')}",
-        f"data.cache_dir={hydra_value(run / 'cache')}",
+        f"data.cache_dir={hydra_value(cache_dir(cfg, run))}",
         f"data.vae_dir={hydra_value(vae_dir(cfg, run))}",
     )
 
@@ -163,7 +171,7 @@ def _prompt_source(cfg: DictConfig, run: Path) -> list[str]:
     if prompts:
         return [f"prompts=[{','.join(hydra_value(p) for p in prompts)}]"]
     return [
-        f"prompts_from_cache={hydra_value(run / 'cache')}",
+        f"prompts_from_cache={hydra_value(cache_dir(cfg, run))}",
         f"num_prompts={cfg.samples.get('num_prompts', 4)}",
         f"val_fraction={dataset_config(cfg).val_fraction}",
     ]
@@ -175,7 +183,7 @@ def _expand(cfg: DictConfig) -> str:
 
 
 def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
-    s = cfg.samples
+    """sora-sample with the run's `sampling` node, every field passed on (checked here first)."""
     return [
         *PY,
         "sora_lightning.sample.main",
@@ -183,35 +191,26 @@ def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         f"out_dir={hydra_value(run / 'samples')}",
         *_prompt_source(cfg, run),
         _expand(cfg),
-        f"frames={s.frames}",
-        f"height={s.height}",
-        f"width={s.width}",
-        f"steps={s.steps}",
-        f"cfg_scale={s.cfg_scale}",
-        f"seed={s.seed}",
+        *SamplingConfig.from_config(cfg.sampling).as_overrides(),
     ]
 
 
 def _eval(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
-    e = cfg.eval
+    """sora-eval with the same `sampling` node as the samples step, plus `eval.num_seeds`."""
     dataset = dataset_config(cfg)
     return [
         *PY,
         "sora_lightning.eval.main",
         f"ckpt={hydra_value(run / 'dit' / 'final')}",
         f"out_dir={hydra_value(run / 'eval')}",
-        f"cache_dir={hydra_value(run / 'cache')}",
+        f"cache_dir={hydra_value(cache_dir(cfg, run))}",
         f"shards={hydra_value(shard_spec(cfg, run))}",
         f"val_fraction={dataset.val_fraction}",
         f"world={str(dataset.name == 'world').lower()}",
         *_prompt_source(cfg, run),
         _expand(cfg),
-        f"frames={e.frames}",
-        f"height={e.height}",
-        f"width={e.width}",
-        f"steps={e.steps}",
-        f"cfg_scale={e.cfg_scale}",
-        f"num_seeds={e.num_seeds}",
+        *SamplingConfig.from_config(cfg.sampling).as_overrides(),
+        f"num_seeds={cfg.eval.num_seeds}",
     ]
 
 
@@ -254,11 +253,35 @@ STEPS: tuple[Step, ...] = (
 """Every step in pipeline order, before `steps_for` fits them to a config."""
 
 
+TRAINING_KEYS = ("dataset", "model", "vae", "cache", "curriculum", "seed", "trainer", "strategy")
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "shards": ("dataset",),
+    "vae": (*TRAINING_KEYS, "vae_train", "checkpoint"),
+    "cache": TRAINING_KEYS,
+    "dit": (*TRAINING_KEYS, "dit_train", "checkpoint", "nonfinite", "data"),
+    "samples": ("samples", "sampling"),
+    "eval": ("eval", "samples", "sampling"),
+    "export": (),
+}
+"""The config keys each step's outputs depend on: a finished step whose recorded values of these
+differ from the current config is not silently reused (`pipeline.runner.config_changes`)."""
+
+
+def config_fingerprint(step: Step, cfg: DictConfig) -> dict[str, str]:
+    """sha256 of each of the step's CONFIG_KEYS, resolved, as recorded in its manifest."""
+    prints = {}
+    for key in CONFIG_KEYS[step.name]:
+        value = OmegaConf.to_yaml(OmegaConf.create({"v": cfg.get(key)}), resolve=True)
+        prints[key] = hashlib.sha256(value.encode()).hexdigest()[:16]
+    return prints
+
+
 def steps_for(cfg: DictConfig | None) -> tuple[Step, ...]:
     """The steps as this config runs them.
 
     `dataset=shards` reads existing shards in place, so its shards step writes only the index;
-    `vae.pretrained=DIR` drops the vae step (later steps read DIR instead).
+    `vae.pretrained=DIR` drops the vae step (later steps read DIR instead); `cache.reuse=DIR`
+    makes the cache step only check DIR's key.
     """
     if cfg is None:
         return STEPS
@@ -269,6 +292,9 @@ def steps_for(cfg: DictConfig | None) -> tuple[Step, ...]:
             continue
         if step.name == "shards" and not dataset_config(cfg).writes_shards:
             step = replace(step, outputs=("shards/summary.json",), part_command=None)
+            step = replace(step, merge_command=None)
+        if step.name == "cache" and cfg.cache.get("reuse"):
+            step = replace(step, outputs=("cache/reused.json",), part_command=None)
             step = replace(step, merge_command=None)
         if pretrained and "vae" in step.inputs:
             step = replace(step, inputs=tuple(i for i in step.inputs if i != "vae"))

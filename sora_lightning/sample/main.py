@@ -1,7 +1,9 @@
 """`sora-sample`: text-to-video, image-to-video (image=...) and video extension (video=...) to mp4.
 
-`cond_position=end` puts the given frames at the end instead: `video=clip.mp4 cond_position=end`
-generates what leads up to the clip (pixel-frame mapping in `sample/generate.py`).
+How videos are sampled is the `sampling` node (conf/sampling/, e.g. `sampling.frames=33`).
+`sampling.cond_position=end` puts the given frames at the end instead: `video=clip.mp4
+sampling.cond_position=end` generates what leads up to the clip (pixel-frame mapping in
+`sample/generate.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from tqdm import tqdm
 from sora_lightning.config import CONFIG_PATH
 from sora_lightning.data.decode import decode_image, decode_video
 from sora_lightning.data.latent_cache import held_out_captions
-from sora_lightning.sample.generate import SampleOptions, load_generator, write_mp4
+from sora_lightning.diffusion.sampling import SamplingConfig
+from sora_lightning.sample.generate import load_generator, write_mp4
 
 
 def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None:
@@ -50,7 +53,7 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise ValueError(
             'nothing to sample: pass prompt="...", prompts=[...] or prompts_from_cache=CACHE_DIR'
         )
-    options = SampleOptions.from_config(cfg, cfg.seed)  # sizes checked before loading anything
+    config = SamplingConfig.from_config(cfg.sampling)  # sizes checked before loading anything
     generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
     cond = read_conditioning(cfg.image, cfg.video)
     jobs = (
@@ -60,8 +63,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     )
     written = []
     for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
-        video = generator.generate(prompt, options, cond_frames=cond)
-        written.append(write_mp4(path, video, cfg.fps))
+        video = generator.generate(prompt, config, cond_frames=cond)
+        written.append(write_mp4(path, video, config.fps))
         print(f"{path}: {prompt!r} -> {video.expanded_prompt!r}")
     return written
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from sora_lightning.data.latent_cache import (
     CacheSettings,
+    cache_key,
     merge_cache_parts,
+    read_cache_meta,
     write_cache,
     write_cache_part,
 )
+from sora_lightning.data.parts import resolve_part
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig
-from sora_lightning.models.vae import VAEConfig
+from sora_lightning.models.vae import (
+    VAEConfig,
+    VideoVAE,
+    clip_lengths_hint,
+    is_clip_length,
+    longest_clip_length,
+)
 from sora_lightning.train.weights import load_vae, read_module_meta
+from sora_lightning.utils import state_dict_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
+REUSED_NAME = "reused.json"
+"""Written by the cache step under cache.reuse: which existing cache the run reads, and its key."""
 
 
 def vae_config_for(cfg: DictConfig) -> VAEConfig:
@@ -38,7 +49,7 @@ def vae_config_for(cfg: DictConfig) -> VAEConfig:
     else:
         values = OmegaConf.to_container(cfg.model.vae, resolve=True)
         values.pop("_target_", None)
-    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return VAEConfig(**values)
 
 
 def _longest_clip(cfg: DictConfig) -> int:
@@ -62,11 +73,11 @@ def cache_settings(cfg: DictConfig, vae: VAEConfig | None = None) -> CacheSettin
         )
     max_frames = cfg.cache.get("max_frames") or _longest_clip(cfg)
     factor = vae.temporal_factor
-    if (max_frames - 1) % factor:
-        low = 1 + (max_frames - 1) // factor * factor
+    if not is_clip_length(max_frames, factor):
+        low = longest_clip_length(max_frames, factor)
         raise ValueError(
-            f"cache.max_frames={max_frames} does not fit the VAE (1 + {factor}k frames): use "
-            f"{low} or {low + factor}, or null for the curriculum's longest clip"
+            f"cache.max_frames={max_frames} does not fit the VAE ({clip_lengths_hint(factor)}): "
+            f"use {low} or {low + factor}, or null for the curriculum's longest clip"
         )
     return CacheSettings(max_area=int(cfg.cache.max_area), multiple=multiple, max_frames=max_frames)
 
@@ -82,20 +93,30 @@ def text_encoder(cfg: DictConfig) -> TextEncoder:
 
 def _part(cfg: DictConfig) -> int | None:
     """This array task's part: cache.part, else $SLURM_ARRAY_TASK_ID; None when not split."""
-    num_parts = cfg.cache.get("num_parts")
-    if not num_parts:
-        return None
-    part = cfg.cache.get("part")
-    if part is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        part = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    if part is None or not 0 <= part < num_parts:
-        raise ValueError(f"cache.num_parts={num_parts} needs 0 <= cache.part < it, got {part}")
-    return int(part)
+    names = ("cache.num_parts", "cache.part")
+    return resolve_part(cfg.cache.get("num_parts"), cfg.cache.get("part"), names=names)
+
+
+def reuse_cache(cfg: DictConfig, vae: VideoVAE, settings: CacheSettings) -> dict[str, Any]:
+    """`cache.reuse=DIR`: check that DIR was made with this VAE, text encoder and settings (its
+    key), then record it in data.cache_dir/reused.json instead of encoding anything again."""
+    expected = cache_key(
+        state_dict_hash(vae.state_dict()), text_encoder(cfg).states_hash(), settings
+    )
+    source = Path(cfg.cache.reuse).expanduser().resolve()
+    meta = read_cache_meta(source, expected)  # names both keys when they differ
+    record = {"cache_dir": str(source), "key": meta["key"], "num_samples": meta["num_samples"]}
+    write_json_atomic(Path(cfg.data.cache_dir) / REUSED_NAME, record)
+    return {"task": "cache", "reused": str(source), "key": meta["key"]}
 
 
 def build_cache(cfg: DictConfig) -> dict[str, Any]:
-    """task=cache: encode data.shards with the VAE of data.vae_dir into data.cache_dir."""
+    """task=cache: encode data.shards with the VAE of data.vae_dir into data.cache_dir (or, with
+    cache.reuse, verify an existing cache instead)."""
     out = Path(cfg.data.cache_dir)
+    if cfg.cache.get("reuse"):
+        vae = load_vae(cfg.data.vae_dir)
+        return reuse_cache(cfg, vae, cache_settings(cfg, vae.config))
     if cfg.cache.get("merge"):
         meta = merge_cache_parts(out)
         return {"task": "cache", "samples": meta["num_samples"], "key": meta["key"]}

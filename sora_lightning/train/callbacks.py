@@ -1,10 +1,12 @@
-"""Training callbacks: throughput/MFU with data-wait fraction, and sample videos in TensorBoard."""
+"""Training callbacks: throughput/MFU with data-wait fraction, preview videos in TensorBoard, bad-data
+accounting and the held-out validation loss."""
 
 from __future__ import annotations
 
 import io
 import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -12,8 +14,20 @@ import numpy as np
 import torch
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
+from torch import Tensor
 
+from sora_lightning.data.clips import to_uint8
+from sora_lightning.data.world import expand_prompt
+from sora_lightning.diffusion.sampling import (
+    SamplingConfig,
+    latent_shape,
+    sample_latents,
+    text_states,
+)
+from sora_lightning.models.text import TextEncoder, TextEncoderConfig
+from sora_lightning.models.vae import VideoVAE
 from sora_lightning.parallel.strategies import parameters_are_sharded
+from sora_lightning.train.weights import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +117,15 @@ def gif_summary(tag: str, frames: np.ndarray, fps: int) -> Summary:
 
 
 class VideoSampleLogger(L.Callback):
-    """Every N steps, samples fixed prompts with the EMA weights and logs them as playable videos."""
+    """Every N steps, samples fixed prompts with the EMA weights and logs them as playable videos.
 
-    def __init__(
-        self,
-        prompts: list[str],
-        *,
-        every_n_steps: int,
-        frames: int,
-        height: int,
-        width: int,
-        steps: int = 12,
-        cfg_scale: float = 5.0,
-        fps: int = 8,
-    ) -> None:
-        self.prompts, self.every_n_steps = list(prompts), every_n_steps
-        self.options = dict(
-            frames=frames, height=height, width=width, steps=steps, cfg_scale=cfg_scale, fps=fps
-        )
-        self._generator = None
+    Sampled by `diffusion.sampling` with the run's `sampling` config, the same solve and settings
+    as `sora-sample`; prompt i uses seed `sampling.seed + i`.
+    """
+
+    def __init__(self, prompts: list[str], *, every_n_steps: int, sampling: SamplingConfig) -> None:
+        self.prompts, self.every_n_steps, self.sampling = list(prompts), every_n_steps, sampling
+        self._parts: _PreviewParts | None = None
 
     def on_train_batch_end(
         self,
@@ -150,15 +154,13 @@ class VideoSampleLogger(L.Callback):
         so every rank must run the same forwards in step (same prompts, seeds and step counts),
         or rank 0 would wait forever for the others.
         """
-        from sora_lightning.sample.generate import SampleOptions
-
-        generator = self._get_generator(pl_module)
         writer = trainer.logger.experiment if trainer.is_global_zero and trainer.logger else None
         for index, prompt in enumerate(self.prompts):
-            video = generator.generate(prompt, SampleOptions(seed=index, **self.options))
+            config = replace(self.sampling, seed=self.sampling.seed + index)
+            frames = self.render(pl_module, prompt, config)
             if writer is None:
                 continue
-            summary = gif_summary(f"samples/{index}", video.frames, self.options["fps"])
+            summary = gif_summary(f"samples/{index}", frames, config.fps)
             writer._get_file_writer().add_summary(
                 summary, step
             )  # SummaryWriter has no public raw-summary API
@@ -166,22 +168,52 @@ class VideoSampleLogger(L.Callback):
         if writer is not None:
             writer.flush()
 
-    def _get_generator(self, pl_module: L.LightningModule):
-        from sora_lightning.models.text import TextEncoder, TextEncoderConfig
-        from sora_lightning.sample.generate import VideoGenerator
-        from sora_lightning.train.weights import load_vae
+    @torch.no_grad()
+    def render(
+        self, pl_module: L.LightningModule, prompt: str, config: SamplingConfig
+    ) -> np.ndarray:
+        """uint8 frames [T, H, W, 3] of one prompt from the EMA DiT (the world's prompt expander
+        applies, as in `sora-sample`; other captions pass through it unchanged)."""
+        parts = self._get_parts(pl_module)
+        dit = pl_module.ema
+        shape = latent_shape(
+            config,
+            channels=dit.config.in_channels,
+            spatial_factor=parts.vae.config.spatial_factor,
+            temporal_factor=parts.vae.config.temporal_factor,
+            patch=tuple(dit.config.patch_size),
+        )
+        states = text_states(parts.text, expand_prompt(prompt))
+        image = None
+        if config.image_first:
+            image = text_states(parts.text, expand_prompt(prompt, num_frames=1))
+        latent = sample_latents(dit, shape, config, states, parts.null_states, image_states=image)
+        return to_uint8(parts.vae.decode((latent * parts.std + parts.mean).unsqueeze(0))[0])
 
-        if self._generator is None:
+    def _get_parts(self, pl_module: L.LightningModule) -> _PreviewParts:
+        """VAE, text encoder and latent statistics of the run, loaded once."""
+        if self._parts is None:
             meta = pl_module.hparams.meta
-            self._generator = VideoGenerator(
-                pl_module.ema,
-                load_vae(meta["vae_dir"]),
-                TextEncoder(TextEncoderConfig(**meta["text"])),
-                torch.tensor(meta["latent_mean"]),
-                torch.tensor(meta["latent_std"]),
+            text = TextEncoder(TextEncoderConfig(**meta["text"]))
+            self._parts = _PreviewParts(
+                vae=load_vae(meta["vae_dir"]),
+                text=text,
+                null_states=text_states(text, ""),
+                mean=torch.tensor(meta["latent_mean"]).view(-1, 1, 1, 1).float(),
+                std=torch.tensor(meta["latent_std"]).view(-1, 1, 1, 1).float(),
             )
-        self._generator.dit = pl_module.ema
-        return self._generator
+        return self._parts
+
+
+@dataclass
+class _PreviewParts:
+    """What previews need besides the EMA DiT: decoder, text encoder, latent statistics."""
+
+    vae: VideoVAE
+    text: TextEncoder
+    null_states: Tensor  # [S, Dt] the empty caption: CFG's unconditional branch
+    mean: Tensor  # [C, 1, 1, 1]
+    std: Tensor  # [C, 1, 1, 1]
 
 
 class BadDataMonitor(L.Callback):

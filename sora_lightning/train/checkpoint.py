@@ -2,7 +2,8 @@
 
 A checkpoint `step=N.ckpt` counts only once `step=N.manifest.json` exists and the file's size and
 sha256 match it. The write order makes that a proof of completeness: the checkpoint goes to a
-hidden temp file, is fsynced and renamed, and only then is the manifest written (atomically too).
+hidden temp file, is fsynced and renamed (`utils.atomic_path`), and only then is the manifest
+written (atomically too).
 A process killed at any moment leaves either a temp file, a checkpoint without a manifest, or a
 complete pair; the first two never count. Retention runs only after the new pair is complete, so
 the last good checkpoint is never deleted first. Loading always uses `torch.load(weights_only=True)`
@@ -16,19 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from sora_lightning.utils import file_sha256, write_json_atomic
+from sora_lightning.utils import atomic_path, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -120,30 +119,6 @@ def assert_plain(value: Any, where: str = "checkpoint") -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry must reach the disk too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write to `.name.tmp`, fsync, rename over `path`, fsync the folder: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def stage_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """Curriculum stage and step within it of a DiT checkpoint (None for modules without a curriculum)."""
     curriculum = (checkpoint.get("hyper_parameters") or {}).get("curriculum")
@@ -167,7 +142,6 @@ def write_manifest(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
         "stage": checkpoint.get("curriculum_state"),
     }
     write_json_atomic(manifest_path(path), manifest)
-    _fsync_dir(path.parent)
     return manifest
 
 
@@ -300,7 +274,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         manifest_path(path).unlink(
             missing_ok=True
         )  # overwriting: the old manifest no longer describes it
-        write_file_atomic(path, lambda handle: torch.save(checkpoint, handle))
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
         manifest = write_manifest(path, checkpoint)
         log.info(
             "checkpoint %s written (step %d, %d bytes, sha256 %s)",

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from sora_lightning.models.vae import clip_lengths_hint, is_clip_length
+
 COND_MODES = ("first_frame", "first_frames", "last_frames")
 """How a conditioned sample keeps frames clean: image-to-video, extension forwards, extension
 backwards (generating what leads up to a clip)."""
@@ -26,7 +28,9 @@ class Stage:
     steps: int
     """Optimizer steps spent in this stage."""
     frames: tuple[int, int] = (1, 1)
-    """Inclusive range of pixel frames per sample; each must be 1 + 4k; (1, 1) means images."""
+    """Inclusive range of pixel frames per sample; (1, 1) means images. Both ends must be clip
+    lengths of the VAE (1 + k x its temporal factor), which `Curriculum.check_frames` checks once
+    the VAE is known: a stage alone cannot know the factor (2x for the demo VAE, 4x for others)."""
     image_fraction: float = 0.0
     """Share of samples trained as single frames (images) in a video stage."""
     max_area: int = 256 * 256
@@ -60,10 +64,6 @@ class Stage:
         if not 1 <= lo <= hi:
             raise ValueError(
                 f"stage {self.name!r}: frames must satisfy 1 <= min <= max, got {self.frames}"
-            )
-        if (lo - 1) % 4 or (hi - 1) % 4:
-            raise ValueError(
-                f"stage {self.name!r}: frame counts must be 1 + 4k (1, 5, 9, 17, 33...), got {self.frames}"
             )
         if not 0.0 <= self.image_fraction <= 1.0 or not 0.0 <= self.cond_probability <= 1.0:
             raise ValueError(
@@ -107,6 +107,22 @@ class Stage:
         count = int(rng.integers(1, num_frames))
         return -count if mode == "last_frames" else count
 
+    def check_frames(self, temporal_factor: int) -> None:
+        """Raise ValueError, naming this stage, unless both ends of `frames` are clip lengths of a
+        VAE with this temporal factor (`models.vae.is_clip_length`)."""
+        bad = [f for f in self.frames if not is_clip_length(f, temporal_factor)]
+        if bad:
+            raise ValueError(
+                f"stage {self.name!r}: frames {self.frames} do not fit the VAE, which encodes "
+                f"clips of {clip_lengths_hint(temporal_factor)} frames (not {bad})"
+            )
+
+    def clip_lengths(self, temporal_factor: int) -> list[int]:
+        """Every clip length of this stage's frame range for a VAE of this temporal factor."""
+        self.check_frames(temporal_factor)
+        low, high = self.frames
+        return list(range(low, high + 1, temporal_factor))
+
     @property
     def is_image_stage(self) -> bool:
         """True when every sample is a single frame."""
@@ -130,6 +146,15 @@ class Curriculum:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"curriculum stage names must be unique, got {names}")
+
+    def check_frames(self, temporal_factor: int) -> None:
+        """Raise ValueError naming the first stage whose frames the VAE cannot encode.
+
+        Call it wherever the curriculum meets its VAE (training a DiT, building its cache): the
+        stages themselves only know frames >= 1.
+        """
+        for stage in self.stages:
+            stage.check_frames(temporal_factor)
 
     @property
     def total_steps(self) -> int:

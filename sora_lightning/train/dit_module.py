@@ -75,12 +75,12 @@ class DiTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.dit_config = DiTConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in dit.items()}
-        )
+        self.dit_config = DiTConfig(**dit)  # the config turns YAML/JSON lists into tuples
         self.dit = DiT(self.dit_config)
         self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
         self.curriculum = Curriculum(**curriculum)
+        if meta and meta.get("temporal_factor"):  # the VAE the latents come from
+            self.curriculum.check_frames(int(meta["temporal_factor"]))
         self.flow_cfg = FlowConfig.from_config(flow_cfg)
         self._step_skipped = False
         self._parallelized = False

@@ -95,9 +95,7 @@ def consolidate_checkpoint(path: str | Path, weights: str = "ema") -> tuple[DiT,
         for k, v in state.items()
         if _strip(k).startswith(prefix)
     }
-    dit = DiT(
-        DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in hparams["dit"].items()})
-    )
+    dit = DiT(DiTConfig(**hparams["dit"]))  # the config turns JSON lists into tuples
     dit.load_state_dict(module_state)
     return dit.eval(), {
         "meta": hparams.get("meta") or {},

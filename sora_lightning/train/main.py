@@ -20,13 +20,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from sora_lightning.config import CONFIG_PATH
-from sora_lightning.data.datamodule import DiTDataModule, StreamingVAEDataModule, VAEDataModule
+from sora_lightning.data.datamodule import StreamingVAEDataModule, VAEDataModule
 from sora_lightning.data.latent_cache import cache_key, read_cache_meta
 from sora_lightning.data.sources import DatasetConfig
-from sora_lightning.launch.slurm import preemption_callbacks
-from sora_lightning.models.dit import DiT
+from sora_lightning.diffusion.sampling import SamplingConfig, latent_shape
+from sora_lightning.launch.slurm import launch_training, preemption_callbacks, train_in_job
+from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.models.text import TextEncoder
-from sora_lightning.models.vae import VideoVAE
+from sora_lightning.models.vae import VideoVAE, clip_lengths_hint, is_clip_length
 from sora_lightning.parallel.strategies import (
     SHARDED,
     ShardReport,
@@ -34,7 +35,7 @@ from sora_lightning.parallel.strategies import (
     find_sharded_checkpoint,
     gathered_state_dict,
 )
-from sora_lightning.train.cache import build_cache, cache_settings
+from sora_lightning.train.cache import build_cache, cache_settings, vae_config_for
 from sora_lightning.train.callbacks import (
     BadDataMonitor,
     ThroughputMonitor,
@@ -47,6 +48,7 @@ from sora_lightning.train.checkpoint import (
     resolve_resume,
     verify_checkpoint,
 )
+from sora_lightning.train.dit_data import DiTDataModule
 from sora_lightning.train.dit_module import DiTModule, FlowConfig
 from sora_lightning.train.guards import guard_from_config
 from sora_lightning.train.vae_module import VAEModule
@@ -80,6 +82,10 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"bad config at `dit_train.flow`: {error}") from error
     for key in ("curriculum", "model.dit", "model.vae", "model.text"):
         _check_node(cfg, key)
+    try:
+        SamplingConfig.from_config(cfg.sampling)
+    except ValueError as error:
+        raise ValueError(f"bad config at `sampling`: {error}") from error
     _check_dataset_and_cache(cfg)
 
 
@@ -101,6 +107,16 @@ def _check_dataset_and_cache(cfg: DictConfig) -> None:
         cache_settings(cfg)
     except ValueError as error:
         raise ValueError(f"bad config at `cache`: {error}") from error
+    _check_clip_lengths(cfg)
+
+
+def _check_clip_lengths(cfg: DictConfig) -> None:
+    """Curriculum stages against the VAE's clip lengths: a stage alone cannot know them."""
+    curriculum = instantiate(cfg.curriculum, _convert_="all")
+    try:
+        curriculum.check_frames(vae_config_for(cfg).temporal_factor)
+    except ValueError as error:
+        raise ValueError(f"bad config at `curriculum`: {error}") from error
 
 
 def _check_node(cfg: DictConfig, key: str) -> None:
@@ -194,7 +210,14 @@ def _fit(
 def _vae_datamodule(cfg: DictConfig, steps: int) -> VAEDataModule:
     """data.loader=memory: shards held in memory, map-style; stream: webdataset streaming."""
     hp, loader = cfg.vae_train, cfg.data.get("loader", "memory")
-    settings = cache_settings(cfg)
+    vae = vae_config_for(cfg)
+    bad = [t for t in hp.frame_choices if not is_clip_length(t, vae.temporal_factor)]
+    if bad:
+        raise ValueError(
+            f"vae_train.frame_choices {bad} cannot be encoded: the VAE takes clips of "
+            f"{clip_lengths_hint(vae.temporal_factor)} frames"
+        )
+    settings = cache_settings(cfg, vae)
     kwargs = dict(
         batch_size=hp.batch_size,
         crop=hp.crop,
@@ -202,6 +225,7 @@ def _vae_datamodule(cfg: DictConfig, steps: int) -> VAEDataModule:
         max_area=settings.max_area,
         multiple=settings.multiple,
         seed=cfg.seed,
+        temporal_factor=vae.temporal_factor,
         num_steps=steps,
         num_workers=cfg.data.num_workers,
         val_fraction=cfg.dataset.val_fraction,
@@ -264,6 +288,26 @@ def _dit_meta(
     }
 
 
+def _preview_logger(cfg: DictConfig, dit_cfg: DiTConfig, vae: VideoVAE) -> VideoSampleLogger:
+    """Preview videos as `sampling` says; a size the models cannot tile fails now, not mid-run."""
+    sampling = SamplingConfig.from_config(cfg.sampling)
+    hp = cfg.dit_train
+    if hp.sample_every_n_steps > 0:
+        try:
+            latent_shape(
+                sampling,
+                channels=dit_cfg.in_channels,
+                spatial_factor=vae.config.spatial_factor,
+                temporal_factor=vae.config.temporal_factor,
+                patch=tuple(dit_cfg.patch_size),
+            )
+        except ValueError as error:
+            raise ValueError(f"bad config at `sampling` for previews: {error}") from error
+    return VideoSampleLogger(
+        list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, sampling=sampling
+    )
+
+
 def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train the DiT on a latent cache through the curriculum; writes run_dir/final/dit.safetensors (EMA)."""
     dit_cfg = instantiate(cfg.model.dit, _convert_="all")
@@ -307,9 +351,7 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         val_fraction=cfg.dataset.val_fraction,
     )
-    samples = VideoSampleLogger(
-        list(hp.sample_prompts), every_n_steps=hp.sample_every_n_steps, **hp.sample_options
-    )
+    samples = _preview_logger(cfg, dit_cfg, vae)
     trainer = build_trainer(
         cfg,
         run_dir,
@@ -357,13 +399,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Console entry point `sora-train`."""
     if cfg.launcher.name == "slurm":
-        from sora_lightning.launch.slurm import launch_training
-
-        summary = launch_training(cfg)
+        validate(cfg)  # before anything is queued
+        summary = launch_training(cfg, train)
     elif cfg.launcher.name == "local":
-        from sora_lightning.launch.slurm import train_in_job
-
-        summary = train_in_job(cfg)  # plain train(cfg), plus SIGUSR2 handling when started by srun
+        summary = train_in_job(cfg, train)  # plain train(cfg), plus SIGUSR2 handling under srun
     else:
         raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     print(summary)

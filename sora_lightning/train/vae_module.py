@@ -65,9 +65,7 @@ class VAEModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.vae = VideoVAE(
-            VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae.items()})
-        )
+        self.vae = VideoVAE(VAEConfig(**vae))  # the config turns YAML/JSON lists into tuples
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         generator = posterior_generator(

@@ -17,7 +17,7 @@ from torch import nn
 
 from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.models.vae import VAEConfig, VideoVAE
-from sora_lightning.utils import write_json_atomic
+from sora_lightning.utils import atomic_path, write_json_atomic
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -28,13 +28,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def save_module(
     module: nn.Module, config: Any, directory: str | Path, name: str, extra: dict | None = None
 ) -> Path:
-    """Write `name.safetensors` and `name.json` (config + extra metadata) atomically enough for a step."""
+    """Write `name.safetensors`, then `name.json` (config + extra metadata), each atomically.
+
+    The JSON goes last: `read_module_meta` treats its presence as "the weights are complete".
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = directory / f".{name}.safetensors.tmp"
-    safetensors.torch.save_file(state, str(tmp))
-    tmp.replace(directory / f"{name}.safetensors")
+    with atomic_path(directory / f"{name}.safetensors") as tmp:
+        safetensors.torch.save_file(state, str(tmp))
     write_json_atomic(
         directory / f"{name}.json", {"config": config_to_dict(config), **(extra or {})}
     )
@@ -51,14 +52,10 @@ def read_module_meta(directory: str | Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _tuplify(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-
-
 def load_vae(directory: str | Path, name: str = "vae") -> VideoVAE:
     """VideoVAE from `name.safetensors` + `name.json`, in eval mode."""
     meta = read_module_meta(directory, name)
-    vae = VideoVAE(VAEConfig(**_tuplify(meta["config"])))
+    vae = VideoVAE(VAEConfig(**meta["config"]))
     _load_weights(vae, directory, name)
     return vae.eval()
 
@@ -66,7 +63,7 @@ def load_vae(directory: str | Path, name: str = "vae") -> VideoVAE:
 def load_dit(directory: str | Path, name: str = "dit") -> tuple[DiT, dict[str, Any]]:
     """DiT + its metadata (latent stats, text encoder config, VAE location) from an export."""
     meta = read_module_meta(directory, name)
-    dit = DiT(DiTConfig(**_tuplify(meta["config"])))
+    dit = DiT(DiTConfig(**meta["config"]))
     _load_weights(dit, directory, name)
     return dit.eval(), meta
 

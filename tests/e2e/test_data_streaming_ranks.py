@@ -10,7 +10,6 @@ epoch exactly once over all ranks and workers. The streams cross two epoch bound
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from sora_lightning.data.streaming import (
     build_index,
     per_slot,
 )
+from sora_lightning.parallel.strategies import free_port
 
 pytestmark = pytest.mark.e2e
 WORLD, BATCH, STEPS, STOP_AT = 2, 2, 9, 5  # odd stop: worker roles rotate
@@ -91,18 +91,12 @@ def _rank_main(rank: int, shards: list[str], port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def streams(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict]:
     shards = _write(tmp_path_factory.mktemp("stream-shards"))
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(shards, _free_port(), out), nprocs=WORLD, join=True)
+        mp.spawn(_rank_main, args=(shards, free_port(), out), nprocs=WORLD, join=True)
         return shards, dict(out)
 
 

@@ -105,7 +105,8 @@ def test_cache_encodes_the_pixels_the_vae_loaders_see(tmp_path) -> None:
     cached, _, _ = load_cache(tmp_path / "cache", meta["key"])
     for sample in cached:
         source = raw[sample.key]
-        length = valid_length(int(source.meta["frames"]), 4, SETTINGS.max_frames)
+        factor = vae.config.temporal_factor
+        length = valid_length(int(source.meta["frames"]), factor, SETTINGS.max_frames)
         frames = decode_fitted(
             source, max_area=SETTINGS.max_area, multiple=8, frame_indices=list(range(length))
         )

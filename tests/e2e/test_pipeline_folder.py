@@ -163,3 +163,27 @@ def test_a_file_the_pipeline_did_not_write_is_refused_and_kept(folder_run, tmp_p
     assert "mine-000.tar" in result.stdout + result.stderr
     assert (run_dir / "shards" / "mine-000.tar").read_bytes() == b"a user's own shard"
     assert sorted(p.name for p in run_dir.iterdir()) == ["shards"]  # nothing else written
+
+
+def test_a_changed_setting_is_not_silently_reused(folder_run) -> None:
+    media, run_dir, _, _ = folder_run
+    before = tree_hashes(run_dir / "cache")
+    result = run(pipeline_args(media, run_dir, "model.text.max_length=32"), ok=False)
+    assert result.returncode != 0
+    assert "other settings" in result.stdout + result.stderr and "'cache'" in result.stderr
+    assert tree_hashes(run_dir / "cache") == before
+
+
+def test_another_runs_cache_is_reused_by_key(folder_run, tmp_path: Path) -> None:
+    media, run_dir, _, _ = folder_run
+    second = tmp_path / "reuse"
+    args = pipeline_args(media, second, f"vae.pretrained={run_dir}/vae", "pipeline.steps=[cache]")
+    run([*args, f"cache.reuse={run_dir}/cache"])
+    reused = json.loads((second / "cache" / "reused.json").read_text())
+    assert reused["key"] == json.loads((run_dir / "cache" / "meta.json").read_text())["key"]
+    assert not list((second / "cache").glob("*.tar"))  # nothing encoded again
+    args = pipeline_args(
+        media, tmp_path / "mismatch", f"vae.pretrained={run_dir}/vae", "pipeline.steps=[cache]"
+    )
+    other = run([*args, f"cache.reuse={run_dir}/cache", "model.text.layers=[0,-1]"], ok=False)
+    assert other.returncode != 0 and "was made with key" in other.stdout + other.stderr

@@ -11,7 +11,6 @@ backward), and the bytes autograd saves for backward per rank must shrink.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 from sora_lightning.data.packing import PackedBatch, pack_samples
 from sora_lightning.diffusion.flow import packed_batch_loss
 from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.parallel.strategies import free_port, parallelize_module
 
 pytestmark = pytest.mark.e2e
 WORLD_SIZE = 2
@@ -45,14 +45,16 @@ def _config() -> DiTConfig:
 
 
 def _model(activation_checkpointing: bool = False) -> DiT:
-    """Tiny DiT with every parameter nudged off its zero init, so every gradient carries signal."""
+    """Tiny DiT with every parameter nudged off its zero init, so every gradient carries signal.
+
+    Checkpointing is applied from outside, as training does (`parallelize_module`).
+    """
     torch.manual_seed(0)
-    config = _config()
-    config.activation_checkpointing = activation_checkpointing
-    model = DiT(config)
+    model = DiT(_config())
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
+    parallelize_module(model, None, None, {"activation_checkpointing": activation_checkpointing})
     return model
 
 
@@ -94,7 +96,10 @@ def _step(model: DiT, sequence=None) -> dict:
         lambda: packed_batch_loss(model, batch, timesteps, noise, sequence=sequence)
     )
     loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    grads = {  # names as in the state dict: without the checkpoint wrapper's prefix
+        name.replace("_checkpoint_wrapped_module.", ""): p.grad.detach().clone()
+        for name, p in model.named_parameters()
+    }
     return {"loss": loss.detach(), "saved_bytes": saved, "grads": grads}
 
 
@@ -118,16 +123,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("sp_dit")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
 

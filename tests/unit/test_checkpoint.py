@@ -158,8 +158,8 @@ def test_load_uses_weights_only_even_for_a_verified_file(tmp_path: Path) -> None
 def test_failed_write_leaves_previous_checkpoints_and_no_temp(tmp_path: Path, monkeypatch) -> None:
     good = save(tmp_path, 2, keep_last=1)
 
-    def crash_midway(obj, handle, *args, **kwargs):
-        handle.write(b"partial bytes")
+    def crash_midway(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"partial bytes")  # the temp file `atomic_path` handed out
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_midway)

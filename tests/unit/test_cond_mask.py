@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sora_lightning.data.packing import frame_cond_mask, pack_samples, unpack_latents
+from sora_lightning.data.packing import pack_samples, unpack_latents
+from sora_lightning.diffusion.flow import frame_cond_mask
 
 PATCH = (1, 2, 2)
 

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sora_lightning.config import CONFIG_MODULE, conf_dir
-from sora_lightning.sample.generate import SampleOptions
+from sora_lightning.diffusion.sampling import SamplingConfig
 from sora_lightning.train.main import validate
 
 CONF_DIR = conf_dir()  # the installed sora_lightning.conf package (conf/ in an editable install)
@@ -23,6 +23,7 @@ GROUPS = [
     "curriculum",
     "strategy",
     "launcher",
+    "sampling",
     "experiment",
 ]
 
@@ -68,7 +69,7 @@ def test_bad_config_rejected_before_work() -> None:
         cfg = compose(
             "train", overrides=["curriculum.stages.0.frames=[2,3]", "task=vae", "data.shards=x"]
         )
-    with pytest.raises(ValueError, match="1 \\+ 4k"):
+    with pytest.raises(ValueError, match="curriculum.*stage 'images'.*1 \\+ 2k"):  # demo VAE: 2x
         validate(cfg)
 
 
@@ -80,16 +81,62 @@ def test_all_yaml_files_are_covered() -> None:
 
 @pytest.mark.parametrize("name", ["sample", "eval"])
 def test_sampling_entry_points_read_their_options_the_same_way(name: str) -> None:
-    """sora-sample and sora-eval build SampleOptions through one reader; unset keys keep defaults."""
+    """sora-sample and sora-eval build SamplingConfig through one reader from `sampling`."""
+    overrides = [
+        "ckpt=x",
+        "sampling.frames=9",
+        "sampling.shift=3.0",
+        "sampling.cfg_interval=[0,0.7]",
+    ]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(name, overrides=["ckpt=x", "frames=9", "shift=3.0", "cfg_interval=[0,0.7]"])
-    options = SampleOptions.from_config(cfg, seed=7)
+        cfg = compose(name, overrides=[*overrides, "sampling.seed=7"])
+    options = SamplingConfig.from_config(cfg.sampling)
     assert (options.frames, options.shift, options.seed) == (9, 3.0, 7)
     assert options.cfg_interval == (0.0, 0.7)
-    assert options.cfg_scale == cfg.cfg_scale and options.sampler == cfg.sampler
-    assert SampleOptions.from_config({"steps": 3}, seed=0) == SampleOptions(steps=3)
-    with pytest.raises(ValueError, match="1 \\+ 4k"):
-        SampleOptions.from_config({"frames": 8}, seed=0)
+    assert options.cfg_scale == cfg.sampling.cfg_scale and options.sampler == cfg.sampling.sampler
+    assert SamplingConfig.from_config({"steps": 3}) == SamplingConfig(steps=3)
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        SamplingConfig.from_config({"frames": 0})
+    with pytest.raises(ValueError, match="unknown sampling keys \\['frame'\\]"):
+        SamplingConfig.from_config({"frame": 9})
+
+
+def test_one_sampling_config_for_every_entry_point() -> None:
+    """Training previews, sora-sample, sora-eval and the pipeline compose the same `sampling`
+    node, whose defaults are SamplingConfig's, and an experiment overrides it in one place."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        nodes = {
+            name: compose(name, overrides=["ckpt=x"] if name in ("sample", "eval") else [])
+            for name in ("train", "pipeline", "sample", "eval")
+        }
+        tiny = compose("pipeline", overrides=["experiment=tiny"])
+    configs = {name: SamplingConfig.from_config(cfg.sampling) for name, cfg in nodes.items()}
+    assert all(config == SamplingConfig() for config in configs.values()), configs
+    assert SamplingConfig.from_config(tiny.sampling).frames == 5
+    for cfg in nodes.values():  # no stray copies of sampling keys elsewhere in the config
+        stray = {"frames", "steps", "cfg_scale"} & set(cfg) | {
+            f"{node}.{key}"
+            for node in ("samples", "eval", "dit_train")
+            for key in ("frames", "steps", "cfg_scale", "sample_options")
+            if key in cfg.get(node, {})
+        }
+        assert not stray
+
+
+def test_sampling_overrides_reproduce_the_config() -> None:
+    """The pipeline passes `sampling` to its sample and eval steps as command-line overrides."""
+    config = SamplingConfig(frames=9, shift=2.5, cfg_interval=(0.1, 0.7), sampler="heun")
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("sample", overrides=["ckpt=x", *config.as_overrides()])
+    assert SamplingConfig.from_config(cfg.sampling) == config
+
+
+def test_bad_sampling_rejected_at_validation() -> None:
+    overrides = ["task=dit", "data.cache_dir=c", "data.vae_dir=v", "sampling.sampler=ddim"]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ValueError, match="bad config at `sampling`.*ddim"):
+        validate(cfg)
 
 
 def test_eval_prompt_sets_and_a_bad_name_fails_before_loading(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def test_lr_warmup_then_stage_lr_and_decay() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(frames=(2, 5)), dict(frames=(9, 5)), dict(steps=-1), dict(image_fraction=2.0)]
+    "kwargs", [dict(frames=(0, 5)), dict(frames=(9, 5)), dict(steps=-1), dict(image_fraction=2.0)]
 )
 def test_bad_stage_rejected(kwargs) -> None:
     args = dict(name="x", steps=1) | kwargs
@@ -81,3 +81,15 @@ def test_cond_frames_drawn_per_mode() -> None:
     never = Stage("x", 1, cond_probability=0.0)
     assert {never.draw_cond_frames(5, rng) for _ in range(50)} == {0}
     assert default.draw_cond_frames(1, rng) == 0  # an image has nothing to generate around
+
+
+def test_stage_frames_are_checked_against_the_vaes_temporal_factor() -> None:
+    """A stage alone only knows frames >= 1; the VAE's factor decides which lengths are clips."""
+    curriculum = Curriculum(stages=[Stage("img", 1), Stage("short", 1, frames=(3, 7))])
+    curriculum.check_frames(2)  # the demo VAE (2x in time): 3, 5, 7 are clips
+    assert curriculum.stages[1].clip_lengths(2) == [3, 5, 7]
+    with pytest.raises(
+        ValueError, match=r"stage 'short'.*1 \+ 4k \(1, 5, 9, 13, 17, \.\.\.\).*\[3, 7\]"
+    ):
+        curriculum.check_frames(4)
+    assert make().stages[1].clip_lengths(4) == [5, 9]

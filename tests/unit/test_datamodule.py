@@ -8,9 +8,9 @@ from collections import Counter
 
 import torch
 
-from sora_lightning.data.datamodule import PackStepDataset
 from sora_lightning.data.latent_cache import CachedSample
 from sora_lightning.train.curriculum import Curriculum, Stage
+from sora_lightning.train.dit_data import PackStepDataset
 
 
 def make_dataset(rank: int = 0, world_size: int = 1, seed: int = 0) -> PackStepDataset:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import math
 
@@ -150,17 +152,71 @@ def test_known_preset_sizes() -> None:
     assert 13.5e9 < count_params(load_config("14b")) < 14.5e9
 
 
-def test_activation_checkpointing_gives_same_gradients(tiny_cfg: DiTConfig) -> None:
+def _gradients_and_saved_bytes(model: DiT, batch: dict[str, torch.Tensor]) -> tuple[list, int]:
+    """Parameter gradients of one backward, and the activation bytes autograd saved for it."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(**batch)
+    out.square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()], sum(saved.values())
+
+
+def test_activation_checkpointing_from_outside_gives_same_gradients(tiny_cfg: DiTConfig) -> None:
+    """The one switch (strategy.activation_checkpointing, applied by parallelize_module) gives the
+    gradients of the plain model while saving less for backward; the EMA is never wrapped."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from sora_lightning.parallel.strategies import parallelize_module
+
     model = perturbed_model(tiny_cfg).train()
+    wrapped, ema = copy.deepcopy(model), copy.deepcopy(model)
+    parallelize_module(wrapped, ema, None, {"activation_checkpointing": True})
+    assert all(isinstance(block, CheckpointWrapper) for block in wrapped.blocks)
+    assert not any(isinstance(block, CheckpointWrapper) for block in ema.blocks)
     batch = make_batch(tiny_cfg)
-    grads = []
-    for checkpointing in (False, True):
-        model.config.activation_checkpointing = checkpointing
-        model.zero_grad()
-        model(**batch).square().sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for plain, recomputed in zip(*grads, strict=True):
+    plain_grads, plain_bytes = _gradients_and_saved_bytes(model, batch)
+    recomputed_grads, recomputed_bytes = _gradients_and_saved_bytes(wrapped, batch)
+    for plain, recomputed in zip(plain_grads, recomputed_grads, strict=True):
         torch.testing.assert_close(plain, recomputed, atol=1e-6, rtol=1e-5)
+    assert recomputed_bytes < 0.7 * plain_bytes, (recomputed_bytes, plain_bytes)
+
+
+def test_activation_checkpointing_never_nests_and_keeps_state_dict_keys(
+    tiny_cfg: DiTConfig,
+) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from sora_lightning.parallel.strategies import apply_activation_checkpointing
+
+    model = DiT(tiny_cfg)
+    keys = list(model.state_dict())
+    apply_activation_checkpointing(model.blocks)
+    apply_activation_checkpointing(model.blocks)  # a second call (or a second switch) is a no-op
+    for block in model.blocks:
+        assert isinstance(block, CheckpointWrapper)
+        assert not any(
+            isinstance(m, CheckpointWrapper) for m in block._checkpoint_wrapped_module.modules()
+        )
+    assert list(model.state_dict()) == keys
+    DiT(tiny_cfg).load_state_dict(model.state_dict())
+
+
+def test_retired_model_switch_loads_old_configs_but_does_nothing(tiny_cfg: DiTConfig) -> None:
+    """Configs saved with DiTConfig.activation_checkpointing still load; the key is not kept."""
+    values = dataclasses.asdict(tiny_cfg)
+    assert "activation_checkpointing" not in values
+    assert DiTConfig(**values, activation_checkpointing=False) == tiny_cfg
+    with pytest.warns(UserWarning, match="strategy.activation_checkpointing"):
+        old = DiTConfig(**values, activation_checkpointing=True)
+    assert old == tiny_cfg and not hasattr(DiT(old).blocks[0], "_checkpoint_wrapped_module")
 
 
 def test_invalid_configs_and_inputs_raise(tiny_cfg: DiTConfig) -> None:

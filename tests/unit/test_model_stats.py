@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.models.patches import seqlens_to_cu
 from sora_lightning.models.stats import count_params, dit_forward_flops, latent_token_grid
+from sora_lightning.models.vae import VAEConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = DiTConfig(hidden_size=48, depth=2, num_heads=4, text_dim=32, attn_backend="sdpa")
@@ -79,12 +80,23 @@ def test_forward_flops_match_flop_counter(name: str, grids, text_lens) -> None:
 
 def test_latent_token_grid_follows_vae_and_patch() -> None:
     cfg = DiTConfig(in_channels=16, hidden_size=64, num_heads=4)
-    assert latent_token_grid(cfg, 33, 256, 192) == (9, 16, 12)
-    assert latent_token_grid(cfg, 1, 64, 64) == (1, 4, 4)
+    vae = VAEConfig()  # 8x space, 4x time
+    assert latent_token_grid(cfg, vae, 33, 256, 192) == (9, 16, 12)
+    assert latent_token_grid(cfg, vae, 1, 64, 64) == (1, 4, 4)
     with pytest.raises(ValueError, match="1 \\+ 4k"):
-        latent_token_grid(cfg, 32, 256, 256)
+        latent_token_grid(cfg, vae, 32, 256, 256)
     with pytest.raises(ValueError, match="multiple"):
-        latent_token_grid(cfg, 33, 264, 256)  # 33 latent rows do not split into 2-row patches
+        latent_token_grid(cfg, vae, 33, 264, 256)  # 33 latent rows do not split into 2-row patches
+
+
+def test_latent_token_grid_takes_the_vaes_own_temporal_factor() -> None:
+    """The demo VAE is 2x in time: 17 frames are 9 latent frames there, and 19 frames fit."""
+    cfg = DiTConfig(in_channels=4, hidden_size=64, num_heads=4)
+    demo = VAEConfig(channel_mults=[1, 2, 2], temporal_downsample=[True, False])
+    assert latent_token_grid(cfg, demo, 17, 64, 64) == (9, 8, 8)
+    assert latent_token_grid(cfg, demo, 19, 64, 64)[0] == 10
+    with pytest.raises(ValueError, match="1 \\+ 2k"):
+        latent_token_grid(cfg, demo, 18, 64, 64)
 
 
 def test_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,3 +110,7 @@ def test_cli_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert printed["flops_forward"] == dit_forward_flops(cfg, [(9, 16, 16)], [120])
     with pytest.raises(SystemExit):
         tool.main(["--preset", "no_such_preset"])
+    demo = tool.main(argv[:2] + ["--vae", "demo", "--frames", "17", "--height", "64"])
+    assert demo["token_grid"] == [9, 8, 32]  # demo VAE: 2x time, 4x space
+    with pytest.raises(SystemExit, match="1 \\+ 2k"):
+        tool.main(["--vae", "demo", "--frames", "16"])

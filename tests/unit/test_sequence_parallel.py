@@ -8,18 +8,18 @@ activations (inputs, and the head-split tensors inside) must be half of the sing
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sora_lightning.data.datamodule import PackStepDataset
 from sora_lightning.data.latent_cache import CachedSample
 from sora_lightning.models.layers import attention
 from sora_lightning.parallel.sequence import check_sequence_parallel, pad_packed, shard_tokens
+from sora_lightning.parallel.strategies import free_port
 from sora_lightning.train.curriculum import Curriculum, Stage
+from sora_lightning.train.dit_data import PackStepDataset
 
 WORLD_SIZE = 2
 HEADS, HEAD_DIM = 4, 8
@@ -52,16 +52,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ulysses")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
 

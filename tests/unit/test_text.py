@@ -113,9 +113,10 @@ def test_layers_concatenate_hidden_states(minilm: TextEncoder) -> None:
         embedded = minilm.model(**tokens, output_hidden_states=True).hidden_states[0]
     expected = embedded * tokens["attention_mask"].unsqueeze(-1)
     torch.testing.assert_close(encoding.states[..., :384], expected, rtol=0, atol=0)
-    # Different states must key different caches; the default keeps the plain weights hash.
-    assert minilm.states_hash() == minilm.weights_hash()
-    assert both.weights_hash() == minilm.weights_hash() != both.states_hash()
+    # Different states (layers, token limit) key different caches; defaults keep the weights hash.
+    default = TextEncoder(TextEncoderConfig())
+    assert default.states_hash() == default.weights_hash() == minilm.weights_hash()
+    assert len({default.states_hash(), minilm.states_hash(), both.states_hash()}) == 3
 
 
 def test_layers_out_of_range_names_the_count() -> None:

@@ -48,9 +48,12 @@ from sora_lightning.data.packing import plan_buckets, plan_packs, stream_packs
 from sora_lightning.data.resize import ONE_SWS_THREAD, fit_resolution
 from sora_lightning.data.shards import load_samples
 from sora_lightning.data.streaming import StartAtStepLoader, StreamingStepDataset, build_index
+from sora_lightning.models.vae import VAEConfig
 
 ASPECTS = {"landscape": (16, 9), "portrait": (9, 16), "square": (1, 1), "cinema": (47, 20)}
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+VAE = VAEConfig()
+"""The full-size VAE's factors (8x space, 4x time): clip lengths and latent sizes follow them."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,17 +141,18 @@ def token_lengths(
 ) -> list[tuple[int, int, int]]:
     """Latent token grid per sample for one epoch: native aspect under the cap, a random length.
 
-    VAE 8x spatial / 4x temporal and a 1x2x2 patch: sides are multiples of 16 pixels.
+    `VAE` (8x spatial / 4x temporal) and a 1x2x2 patch: sides are multiples of 16 pixels.
     """
     rng = np.random.default_rng([args.seed, epoch])
+    factor, stride = VAE.temporal_factor, VAE.spatial_factor * 2
     grids = []
     for meta in metas:
         width, height = fit_resolution(
-            meta["width"], meta["height"], max_area=args.max_area, multiple=16
+            meta["width"], meta["height"], max_area=args.max_area, multiple=stride
         )
-        native = valid_length(max(1, int(meta["frames"])), 4, 33)
-        frames = int(rng.choice([t for t in range(1, native + 1, 4)]))
-        grids.append((1 + (frames - 1) // 4, height // 16, width // 16))
+        native = valid_length(max(1, int(meta["frames"])), factor, 33)
+        frames = int(rng.choice(list(range(1, native + 1, factor))))
+        grids.append((VAE.latent_frames(frames), height // stride, width // stride))
     return grids
 
 
@@ -188,7 +192,12 @@ def efficiencies(metas: list[dict], args: argparse.Namespace) -> dict[str, float
 def loader_speed(shards: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Samples/s of the streaming VAE loader per worker, and of bare PyAV on the same frames."""
     crops = VAECrops(
-        crop=32, frame_choices=(1, 5, 9, 17), max_area=args.max_area, multiple=16, seed=args.seed
+        crop=32,
+        frame_choices=(1, 5, 9, 17),
+        max_area=args.max_area,
+        multiple=16,
+        seed=args.seed,
+        temporal_factor=VAE.temporal_factor,
     )
     data = StreamingStepDataset(
         build_index(shards),
@@ -240,8 +249,11 @@ def _same_frames(data: StreamingStepDataset, crops: VAECrops, args: argparse.Nam
         rng = step_rng(crops.seed, step, 0, 11)
         length = int(rng.choice(crops.frame_choices))
         for sample in samples:
-            num = 1 if sample.is_image else valid_length(int(sample.meta["frames"]))
-            wanted = frame_indices(num, native_fps=0.0, target_fps=None, length=length, rng=rng)
+            factor = crops.temporal_factor
+            num = 1 if sample.is_image else valid_length(int(sample.meta["frames"]), factor)
+            wanted = frame_indices(
+                num, native_fps=0.0, target_fps=None, length=length, temporal_factor=factor, rng=rng
+            )
             if step > 0:  # step 0 was the loader's warm-up
                 jobs.append((sample.media, set(wanted.tolist())))
     return jobs

@@ -32,8 +32,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Clip sizes and chunking; the defaults run in well under two minutes on two cores."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo", help="name in conf/model/vae or a YAML path")
-    parser.add_argument("--short", type=int, default=17, help="frames of the short clip (1 + 4k)")
-    parser.add_argument("--long", type=int, default=257, help="frames of the long clip (1 + 4k)")
+    parser.add_argument(
+        "--short",
+        type=int,
+        default=17,
+        help="frames of the short clip (1 + k x the temporal factor)",
+    )
+    parser.add_argument(
+        "--long",
+        type=int,
+        default=257,
+        help="frames of the long clip (1 + k x the temporal factor)",
+    )
     parser.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
     parser.add_argument("--chunk-frames", type=int, default=8, help="pixel frames per chunk")
     parser.add_argument("--chunk-latents", type=int, default=2, help="latent frames per chunk")

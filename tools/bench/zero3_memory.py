@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from sora_lightning.models.dit import DiT, DiTConfig
-from sora_lightning.parallel.strategies import deepspeed_config, init_cpu_deepspeed
+from sora_lightning.parallel.strategies import deepspeed_config, free_port, init_cpu_deepspeed
 
 WORLD_SIZE = 2
 
@@ -131,13 +130,6 @@ def _worker(rank: int, port: int, cfg: DiTConfig, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    """An unused TCP port for the rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(cfg: DiTConfig) -> dict:
