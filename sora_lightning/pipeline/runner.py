@@ -94,6 +94,16 @@ def select_steps(names: list[str] | None, cfg: DictConfig | None = None) -> list
     return [s for s in steps_for(cfg) if names is None or s.name in names]
 
 
+def step_log(run_dir: Path, name: str) -> Path:
+    """Where a step's process output is kept (`logs/<step>.log`), whichever runner ran it."""
+    return run_dir / "logs" / f"{name}.log"
+
+
+def skipped_result(step: Step, run_dir: Path) -> StepResult:
+    """A step whose outputs verify is not run again; its log is the one of the run that made them."""
+    return StepResult(step.name, "skipped", log=str(step_log(run_dir, step.name)))
+
+
 def run_local(
     cfg: DictConfig,
     run_dir: Path,
@@ -111,16 +121,14 @@ def run_local(
             results[step.name] = StepResult(step.name, "blocked", detail={"because": failed_inputs})
             continue
         if not force and verify(step, run_dir):
-            results[step.name] = StepResult(
-                step.name, "skipped", log=str(run_dir / "logs" / f"{step.name}.log")
-            )
+            results[step.name] = skipped_result(step, run_dir)
             continue
         results[step.name] = _run_step(step, cfg, run_dir, overrides)
     return list(results.values())
 
 
 def _run_step(step: Step, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> StepResult:
-    log_path = run_dir / "logs" / f"{step.name}.log"
+    log_path = step_log(run_dir, step.name)
     print(f"\n=== step {step.name} (log: {log_path}) ===", flush=True)
     start = time.perf_counter()
     code = run_command(step.command(cfg, run_dir, overrides), log_path)

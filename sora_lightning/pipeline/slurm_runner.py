@@ -33,6 +33,8 @@ from sora_lightning.pipeline.runner import (
     _run_step,
     run_command,
     select_steps,
+    skipped_result,
+    step_log,
     verify,
 )
 from sora_lightning.pipeline.steps import STEPS, Step, steps_for
@@ -258,9 +260,7 @@ def run_slurm(
     submitted: dict[str, Submitted] = {}
     for step in select_steps(names, cfg):
         if not force and verify(step, run_dir):
-            results[step.name] = StepResult(
-                step.name, "skipped", log=str(run_dir / "logs" / f"{step.name}.log")
-            )
+            results[step.name] = skipped_result(step, run_dir)
             continue
         jobs = step_jobs(step, cfg, run_dir, overrides, launcher)
         after = [submitted[i].job_id for i in step.inputs if i in submitted]
@@ -302,7 +302,7 @@ def step_result(
     seconds = float(elapsed or 0) + max(
         (float(states[j][2] or 0) for j in sub.part_ids() if j in states), default=0.0
     )
-    log = str(run_dir / "logs" / f"{name}.log")
+    log = str(step_log(run_dir, name))
     step = _bound_step(run_dir, name)
     ids = {"job_id": sub.job_id, **({"array_job_id": sub.array_id} if sub.array_id else {})}
     if status == "COMPLETED" and verify(step, run_dir):

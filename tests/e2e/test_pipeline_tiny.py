@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipeline_checks import ONLY_EXPORT_REDONE, break_export, step_statuses
 
 from sora_lightning.data.decode import decode_video
 
@@ -82,19 +83,9 @@ def test_tensorboard_has_loss_every_step(pipeline_run: Path) -> None:
 
 
 def test_rerun_skips_verified_steps_and_redoes_broken(pipeline_run: Path) -> None:
-    (pipeline_run / "export" / "dit.safetensors").write_bytes(b"corrupted")
+    break_export(pipeline_run)
     run([str(BIN / "sora-pipeline"), "experiment=tiny", f"run_dir={pipeline_run}"], cwd=Path.cwd())
-    summary = json.loads((pipeline_run / "summary.json").read_text())
-    status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert status == {
-        "shards": "skipped",
-        "vae": "skipped",
-        "cache": "skipped",
-        "dit": "skipped",
-        "samples": "skipped",
-        "eval": "skipped",
-        "export": "done",
-    }
+    assert step_statuses(pipeline_run) == ONLY_EXPORT_REDONE
 
 
 def test_train_resumes_from_newest_checkpoint(pipeline_run: Path, tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import pickle
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from media_fixtures import encode_jpeg, encode_video
 
 from sora_lightning.data import world
 from sora_lightning.data.decode import (
@@ -248,43 +248,22 @@ def test_threads_reach_the_decoder() -> None:
         assert _video_stream(container, threads=1).codec_context.thread_count == 1
 
 
-def _encode(
-    frames: np.ndarray, fmt: str, codec: str, pix_fmt: str = "yuv420p", rate: int = 8
-) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()
-
-
-def _jpeg(frame: np.ndarray) -> bytes:
-    context = av.CodecContext.create("mjpeg", "w")
-    context.width, context.height, context.pix_fmt = 64, 48, "yuvj420p"
-    context.time_base = Fraction(1, 8)
-    picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuvj420p")
-    return b"".join(bytes(p) for p in context.encode(picture) + context.encode(None))
-
-
 @pytest.mark.parametrize(
     ("make", "container", "ext"),
     [
         (lambda clip: encode_mp4(clip, fps=8), "mp4", "mp4"),
-        (lambda clip: _encode(clip, "mov", "libx264"), "mov", "mov"),
-        (lambda clip: _encode(clip, "ipod", "libx264"), "mp4", "mp4"),  # iTunes .m4v
-        (lambda clip: _encode(clip, "matroska", "libx264"), "matroska", "mkv"),
-        (lambda clip: _encode(clip, "webm", "libvpx-vp9"), "webm", "webm"),
-        (lambda clip: _encode(clip, "mpegts", "libx264"), "mpegts", "ts"),
-        (lambda clip: _encode(clip, "flv", "libx264"), "flv", "flv"),
-        (lambda clip: _encode(clip, "mpeg", "mpeg1video", rate=25), "mpeg", "mpg"),
-        (lambda clip: _encode(clip, "m4v", "mpeg4"), "m4v", "m4v"),  # raw MPEG-4 part 2
-        (lambda clip: _encode(clip, "avi", "mpeg4"), "avi", "avi"),
-        (lambda clip: _encode(clip, "gif", "gif", "rgb8"), "gif", "gif"),
+        (lambda clip: encode_video(clip, 8, "mov", "libx264"), "mov", "mov"),
+        (lambda clip: encode_video(clip, 8, "ipod", "libx264"), "mp4", "mp4"),  # iTunes .m4v
+        (lambda clip: encode_video(clip, 8, "matroska", "libx264"), "matroska", "mkv"),
+        (lambda clip: encode_video(clip, 8, "webm", "libvpx-vp9"), "webm", "webm"),
+        (lambda clip: encode_video(clip, 8, "mpegts", "libx264"), "mpegts", "ts"),
+        (lambda clip: encode_video(clip, 8, "flv", "libx264"), "flv", "flv"),
+        (lambda clip: encode_video(clip, 25, "mpeg", "mpeg1video"), "mpeg", "mpg"),
+        (lambda clip: encode_video(clip, 8, "m4v", "mpeg4"), "m4v", "m4v"),  # raw MPEG-4 part 2
+        (lambda clip: encode_video(clip, 8, "avi", "mpeg4"), "avi", "avi"),
+        (lambda clip: encode_video(clip, 8, "gif", "gif"), "gif", "gif"),
         (lambda clip: encode_png(clip[0]), "png_pipe", "png"),
-        (lambda clip: _jpeg(clip[0]), "jpeg_pipe", "jpg"),
+        (lambda clip: encode_jpeg(clip[0]), "jpeg_pipe", "jpg"),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
