@@ -45,14 +45,14 @@ def test_cache_roundtrip_and_stale_refusal(tmp_path) -> None:
     meta = write_cache(
         sorted((tmp_path / "shards").glob("*.tar")), tmp_path / "cache", vae, text, settings
     )
-    expected = cache_key(state_dict_hash(vae.state_dict()), text.weights_hash(), settings)
+    expected = cache_key(state_dict_hash(vae.state_dict()), text.states_hash(), settings)
     assert meta["key"] == expected and meta["num_samples"] == 5
     samples, null_text, _ = load_cache(tmp_path / "cache", expected)
     assert len(samples) == 5 and null_text.shape[1] == 384
     assert all(s.latent.shape[0] == 4 and {"detailed", "short"} <= set(s.texts) for s in samples)
     with torch.no_grad():
         next(vae.parameters()).add_(1.0)
-    stale = cache_key(state_dict_hash(vae.state_dict()), text.weights_hash(), settings)
+    stale = cache_key(state_dict_hash(vae.state_dict()), text.states_hash(), settings)
     with pytest.raises(ValueError) as error:
         read_cache_meta(tmp_path / "cache", stale)
     assert expected in str(error.value) and stale in str(error.value)
