@@ -47,8 +47,12 @@ class DatasetConfig:
     """Test-decode every frame at ingest (False: the first frame only)."""
     val_fraction: float = 0.05
     """Share of samples held out by key (`is_held_out`): never trained on, used for validation."""
+    prompts: tuple[str, ...] = ()
+    """Example prompts for this data, sampled by the samples and eval steps; empty: captions of
+    held-out samples (so a recipe's prompts never follow it onto another dataset)."""
 
     def __post_init__(self) -> None:
+        self.prompts = tuple(str(p) for p in self.prompts or ())
         if self.name not in SOURCES:
             raise ValueError(f"dataset.name={self.name!r} is not one of {SOURCES}")
         if not 0.0 <= self.val_fraction < 1.0:

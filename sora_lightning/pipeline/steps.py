@@ -166,8 +166,8 @@ def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
 
 
 def _prompt_source(cfg: DictConfig, run: Path) -> list[str]:
-    """Configured prompts, else held-out captions of the run's own data (any dataset)."""
-    prompts = cfg.samples.get("prompts")
+    """samples.prompts, else the dataset's own example prompts, else held-out captions."""
+    prompts = cfg.samples.get("prompts") or dataset_config(cfg).prompts
     if prompts:
         return [f"prompts=[{','.join(hydra_value(p) for p in prompts)}]"]
     return [

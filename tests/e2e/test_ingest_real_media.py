@@ -176,3 +176,16 @@ def test_manifest_rows_are_probed_by_content(media, tmp_path: Path) -> None:
     assert summary["inputs"] == {"seen": 5, "samples": 3, "captions": 0, "skipped": 2}
     exts = {Path(rel).name: s.media_ext for rel, s in _samples(tmp_path / "out", summary).items()}
     assert exts == {"disguised.bin": "mp4", "broadcast.ts": "ts", "uncaptioned.jpg": "jpg"}
+
+
+@pytest.mark.parametrize("source", ["example", "example.csv", "example.jsonl"])
+def test_the_committed_data_examples_ingest_whole(source: str, tmp_path: Path) -> None:
+    """data/: the folder and both manifests each give three samples and skip nothing."""
+    path = Path(__file__).resolve().parents[2] / "data" / source
+    before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()}
+    if path.is_dir():
+        summary = shards_from_folder(path, tmp_path / "out", progress=False)
+    else:
+        summary = shards_from_manifest(path, tmp_path / "out", progress=False)
+    assert summary["written"] == 3 and summary["skipped"] == {}
+    assert {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()} == before
