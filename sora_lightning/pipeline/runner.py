@@ -55,12 +55,13 @@ def config_changes(steps: list[Step], cfg: DictConfig, run_dir: Path) -> dict[st
     """
     changed = {}
     for step in steps:
-        if not verify(step, run_dir):
+        manifest = step.manifest_path(run_dir)
+        if not manifest.is_file():
             continue
-        recorded = json.loads(step.manifest_path(run_dir).read_text()).get("config", {})
+        recorded = json.loads(manifest.read_text()).get("config", {})
         current = config_fingerprint(step, cfg)
         keys = [k for k in current if recorded.get(k) != current[k]]
-        if keys:
+        if keys and verify(step, run_dir):  # hash the outputs only when the config differs
             changed[step.name] = keys
     return changed
 

@@ -76,6 +76,11 @@ def hydra_value(value: object) -> str:
     return f"'{text}'"
 
 
+def absolute(path: object) -> Path:
+    """A user-given path as the absolute path every step process sees (`~` expanded)."""
+    return Path(str(path)).expanduser().resolve()
+
+
 def dataset_config(cfg: DictConfig) -> DatasetConfig:
     """The typed `dataset` node (checked: a bad source or a missing input fails here)."""
     return DatasetConfig.from_config(cfg.dataset)
@@ -86,19 +91,19 @@ def shard_spec(cfg: DictConfig, run: Path) -> str:
     dataset = dataset_config(cfg)
     if dataset.writes_shards:
         return str(run / "shards" / "*.tar")
-    return str(Path(str(dataset.path)).expanduser().resolve())
+    return str(absolute(dataset.path))
 
 
 def vae_dir(cfg: DictConfig, run: Path) -> Path:
     """The VAE every later step uses: `vae.pretrained`, else the one this run trains."""
     pretrained = cfg.get("vae", {}).get("pretrained")
-    return Path(pretrained).expanduser().resolve() if pretrained else run / "vae"
+    return absolute(pretrained) if pretrained else run / "vae"
 
 
 def cache_dir(cfg: DictConfig, run: Path) -> Path:
     """The latent cache later steps read: `cache.reuse`, else the one this run builds."""
     reuse = cfg.cache.get("reuse")
-    return Path(reuse).expanduser().resolve() if reuse else run / "cache"
+    return absolute(reuse) if reuse else run / "cache"
 
 
 def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
@@ -111,8 +116,8 @@ def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     common += [] if dataset.full_decode else ["--quick"]
     source = {
         "world": ["--world-clips", str(dataset.clips), "--world-images", str(dataset.images)],
-        "folder": ["--input", str(Path(str(dataset.path)).expanduser().resolve())],
-        "manifest": ["--manifest", str(Path(str(dataset.path)).expanduser().resolve())],
+        "folder": ["--input", str(absolute(dataset.path))],
+        "manifest": ["--manifest", str(absolute(dataset.path))],
     }[dataset.name]
     seed = ["--seed", str(dataset.seed)] if dataset.name == "world" else []
     return [*PY, "sora_lightning.data.ingest", *source, *seed, *common]

@@ -17,6 +17,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 from sora_lightning.data.clips import to_uint8
+from sora_lightning.data.validation import held_out_flow_loss
 from sora_lightning.data.world import expand_prompt
 from sora_lightning.diffusion.sampling import (
     SamplingConfig,
@@ -278,8 +279,6 @@ class ValidationLoss(L.Callback):
             self._log(trainer, pl_module)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from sora_lightning.data.validation import held_out_flow_loss
-
         datamodule = trainer.datamodule
         samples = getattr(datamodule, "val_samples", [])
         if not samples or trainer.global_step == self._last_step:
