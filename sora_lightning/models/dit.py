@@ -12,6 +12,10 @@ cross-attention to the packed caption tokens, and a modulated MLP; a zero-initia
 layer makes an untrained model predict zero velocity. Every sample keeps to itself: attention
 is varlen over `cu_seqlens` and modulation is gathered per token by sample index.
 
+This layout is Wan 2.1's: with `qk_norm_across_heads`, `use_conditioning=False` and Wan's sizes
+(conf/model/dit/wan2_1_*.yaml) the DiT computes exactly diffusers' `WanTransformer3DModel`, whose
+weights `models.wan.convert_wan_transformer` maps onto this module, packed batches included.
+
 Sequence parallelism (long videos) is passed in, not built in: given a `SequenceSharding` (from
 `sora_lightning.parallel.sequence`), the packed tokens are padded to a multiple of the group size,
 each rank embeds, modulates and runs the MLPs of its contiguous token slice only, self-attention
@@ -39,6 +43,7 @@ from sora_lightning.models.layers import (
     RotaryEmbedding3D,
     SinCosPositionEmbedding3D,
     TimestepEmbedder,
+    WidthRMSNorm,
     apply_rotary_freqs,
     attention,
     modulate,
@@ -95,6 +100,19 @@ class DiTConfig:
     patch embedding (DiT, CogVideoX-2B). RoPE alone leaves a token to find which frame it is in
     through attention: frames whose tokens are equal get equal outputs. It does not by itself make
     the CPU demo learn motion (README). Parameter-free; off by default for older checkpoints."""
+    qk_norm_across_heads: bool = False
+    """Normalise queries and keys over the full width D (gain [D]) instead of per head (gain
+    [head_dim]): Wan's `rms_norm_across_heads`, needed to run Wan's weights exactly."""
+    cross_attn_norm: bool = True
+    """Affine LayerNorm on the tokens entering cross-attention (Wan's `cross_attn_norm`); False
+    feeds them in unnormalised, for models trained that way."""
+    norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm and QK RMSNorm (Wan's `eps`)."""
+    time_frequency_dim: int = TIME_FREQUENCY_DIM
+    """Width of the sinusoidal timestep features fed to the time MLP (Wan's `freq_dim`)."""
+    timestep_scale: float = 1000.0
+    """The model receives flow time t in [0, 1] (t = 1 noise) and embeds t * timestep_scale:
+    1000 is both DiT's range and Wan's 0..1000 timestep, so training code never rescales."""
 
     def __post_init__(self, activation_checkpointing: bool | None) -> None:
         if activation_checkpointing:
@@ -124,6 +142,11 @@ class DiTConfig:
             raise ValueError(f"MLP width must be positive, got {self.mlp_dim}")
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attn_backend {self.attn_backend!r} not in {ATTENTION_BACKENDS}")
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ValueError("qk_norm_across_heads needs qk_norm=True")
+        for name in ("norm_eps", "time_frequency_dim", "timestep_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -202,6 +225,15 @@ def mean_per_segment(tokens: Tensor, cu_seqlens: Tensor) -> Tensor:
     return sums / lengths.clamp(min=1)[:, None]  # [B, Dt]
 
 
+def make_qk_norm(cfg: DiTConfig) -> nn.Module:
+    """The norm an attention layer applies to its [L, heads, head_dim] queries or keys."""
+    if not cfg.qk_norm:
+        return nn.Identity()
+    if cfg.qk_norm_across_heads:
+        return WidthRMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+
+
 def per_token(values: Tensor, sample_index: Tensor) -> Tensor:
     """Per-sample values [B, k, D] -> values for each token, broadcastable to [L, k, D].
 
@@ -220,8 +252,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = cfg
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = make_qk_norm(cfg)
+        self.k_norm = make_qk_norm(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: Tensor, layout: PackedLayout) -> Tensor:
@@ -246,8 +278,8 @@ class CrossAttention(nn.Module):
         self.config = cfg
         self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
-        self.q_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = make_qk_norm(cfg)
+        self.k_norm = make_qk_norm(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: Tensor, context: Tensor, layout: PackedLayout) -> Tensor:
@@ -284,11 +316,14 @@ class DiTBlock(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.norm_attn = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        eps = cfg.norm_eps
+        self.norm_attn = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=eps)
         self.self_attn = SelfAttention(cfg)
-        self.norm_cross = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.norm_cross = (
+            nn.LayerNorm(cfg.hidden_size, eps=eps) if cfg.cross_attn_norm else nn.Identity()
+        )
         self.cross_attn = CrossAttention(cfg)
-        self.norm_mlp = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_mlp = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=eps)
         self.mlp = MLP(cfg)
         # adaLN-single: this block's learned offset to the shared per-sample modulation.
         self.modulation = nn.Parameter(torch.zeros(NUM_MODULATIONS, cfg.hidden_size))
@@ -309,7 +344,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=cfg.norm_eps)
         self.modulation = nn.Parameter(torch.zeros(2, cfg.hidden_size))
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_dim)
 
@@ -334,7 +369,7 @@ class DiT(nn.Module):
         self.text_embed = nn.Sequential(
             nn.Linear(cfg.text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden)
         )
-        self.time_embed = TimestepEmbedder(hidden, TIME_FREQUENCY_DIM)
+        self.time_embed = TimestepEmbedder(hidden, cfg.time_frequency_dim, cfg.timestep_scale)
         self.pooled_text_embed = (
             nn.Sequential(nn.Linear(cfg.text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             if cfg.pooled_text

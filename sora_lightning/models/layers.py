@@ -299,6 +299,19 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype)  # keep x's dtype under autocast too
 
 
+class WidthRMSNorm(RMSNorm):
+    """RMSNorm of queries or keys over all heads together, as Wan does (`rms_norm_across_heads`).
+
+    Takes [..., heads, head_dim] like the per-head norm, so attention code is the same for both;
+    the statistics and the gain span heads * head_dim, which is what Wan's weights were trained
+    with (a per-head norm would give different outputs for the same gains).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., heads, head_dim] -> same shape, normalized over the last two dims together."""
+        return super().forward(x.flatten(-2)).view_as(x)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation x * (1 + scale) + shift; `1 +` makes zero-initialised scales the identity.
 
@@ -323,14 +336,17 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> [B, D] conditioning vector (sinusoid of t*1000, then an MLP).
+    """Flow time t in [0, 1] -> [B, D] conditioning vector (sinusoid of t*scale, then an MLP).
 
-    Scaling by 1000 puts t on the range the DiT/ADM frequencies were designed for.
+    Scaling by 1000 puts t on the range the DiT/ADM frequencies were designed for, and is the
+    0..1000 timestep Wan's transformer reads: the cos-first sinusoid equals diffusers'
+    `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)` and the MLP its `TimestepEmbedding`.
     """
 
-    def __init__(self, hidden_size: int, frequency_dim: int = 256) -> None:
+    def __init__(self, hidden_size: int, frequency_dim: int = 256, scale: float = 1000.0) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.scale = scale
         self.mlp = nn.Sequential(
             nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
@@ -343,5 +359,5 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, timesteps: Tensor) -> Tensor:
         """[B] -> [B, D]."""
-        features = timestep_embedding(timesteps.float() * 1000.0, self.frequency_dim)
+        features = timestep_embedding(timesteps.float() * self.scale, self.frequency_dim)
         return self.mlp(features.to(self.mlp[0].weight.dtype))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sora_lightning.models.dit import NUM_MODULATIONS, TIME_FREQUENCY_DIM, DiTConfig
+from sora_lightning.models.dit import NUM_MODULATIONS, DiTConfig
 from sora_lightning.models.patches import token_grid
 from sora_lightning.models.vae import VAEConfig
 
@@ -20,9 +20,10 @@ def _linear_params(in_dim: int, out_dim: int) -> int:
 
 def _block_params(cfg: DiTConfig) -> int:
     hidden = cfg.hidden_size
-    qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0
+    qk_width = hidden if cfg.qk_norm_across_heads else cfg.head_dim
+    qk_norm = 2 * qk_width if cfg.qk_norm else 0
     self_attn = _linear_params(hidden, 3 * hidden) + _linear_params(hidden, hidden) + qk_norm
-    cross_norm = 2 * hidden
+    cross_norm = 2 * hidden if cfg.cross_attn_norm else 0
     cross_attn = (
         _linear_params(hidden, hidden)
         + _linear_params(hidden, 2 * hidden)
@@ -40,7 +41,7 @@ def count_params(cfg: DiTConfig) -> int:
         _linear_params(cfg.embed_in_dim, hidden)
         + _linear_params(cfg.text_dim, hidden)
         + _linear_params(hidden, hidden)
-        + _linear_params(TIME_FREQUENCY_DIM, hidden)
+        + _linear_params(cfg.time_frequency_dim, hidden)
         + _linear_params(hidden, hidden)
         + _linear_params(hidden, NUM_MODULATIONS * hidden)
     )
@@ -71,7 +72,7 @@ def dit_forward_flops(
         _matmul_flops(tokens, cfg.embed_in_dim, hidden)
         + _matmul_flops(text_tokens, cfg.text_dim, hidden)
         + _matmul_flops(text_tokens, hidden, hidden)
-        + _matmul_flops(batch, TIME_FREQUENCY_DIM, hidden)
+        + _matmul_flops(batch, cfg.time_frequency_dim, hidden)
         + _matmul_flops(batch, hidden, hidden)
         + _matmul_flops(batch, hidden, NUM_MODULATIONS * hidden)
     )
