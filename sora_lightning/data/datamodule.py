@@ -76,12 +76,14 @@ class VAEStepDataset(Dataset):
         seed: int,
         temporal_factor: int,
         rank: int = 0,
+        crop_tries: int = 1,
     ) -> None:
         if not samples:
             raise ValueError("VAE training needs at least one readable sample; check data.shards")
         self.samples, self.batch_size, self.crop = samples, batch_size, crop
         self.frame_choices, self.max_area, self.multiple = frame_choices, max_area, multiple
         self.seed, self.rank, self.temporal_factor = seed, rank, temporal_factor
+        self.crop_tries = crop_tries
         self._frames = lru_cache(maxsize=4096)(self._decode)
 
     def _decode(self, index: int) -> np.ndarray:
@@ -106,16 +108,29 @@ class VAEStepDataset(Dataset):
         idx = frame_indices(
             num, native_fps=0.0, target_fps=None, length=length, temporal_factor=factor, rng=rng
         )
-        return crop_window(frames[idx], length, self.crop, rng)
+        return crop_window(frames[idx], length, self.crop, rng, self.crop_tries)
 
 
-def crop_window(clip: np.ndarray, length: int, crop: int, rng: np.random.Generator) -> Tensor:
-    """A random crop x crop window of a clip, padded to `length` frames, in model range."""
+def crop_window(
+    clip: np.ndarray, length: int, crop: int, rng: np.random.Generator, tries: int = 1
+) -> Tensor:
+    """A random crop x crop window of a clip, padded to `length` frames, in model range.
+
+    With `tries` > 1, that many random windows are drawn and the one whose pixels vary most is
+    kept. Why: on footage with flat backgrounds (the world, screen recordings, studio shots)
+    most random crops hold no object at all, and the VAE learns edges and hue only from the rest.
+    """
     if len(clip) < length:  # short clip: repeat the last frame so every crop in the batch shares T
         clip = np.concatenate([clip, np.repeat(clip[-1:], length - len(clip), axis=0)])
-    top = int(rng.integers(0, clip.shape[1] - crop + 1))
-    left = int(rng.integers(0, clip.shape[2] - crop + 1))
-    return to_model_range(clip[:, top : top + crop, left : left + crop])
+    best, best_spread = None, -1.0
+    for _ in range(tries):
+        top = int(rng.integers(0, clip.shape[1] - crop + 1))
+        left = int(rng.integers(0, clip.shape[2] - crop + 1))
+        window = clip[:, top : top + crop, left : left + crop]
+        spread = float(window.std()) if tries > 1 else 0.0
+        if spread > best_spread:
+            best, best_spread = window, spread
+    return to_model_range(best)
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,8 @@ class VAECrops:
     seed: int
     temporal_factor: int
     """The VAE's (`VAEConfig.temporal_factor`): clips are cut to its lengths."""
+    crop_tries: int = 1
+    """Random windows drawn per crop; the most varied is kept (`crop_window`)."""
 
     def __call__(self, samples: list[RawSample], step: int, rank: int) -> Tensor:
         rng = step_rng(self.seed, step, rank, 11)
@@ -145,7 +162,9 @@ class VAECrops:
                 f"no sample of step {step}'s batch decodes: {[(s.shard, s.key) for s in samples]}"
             )
         crops = [
-            crop_window(clip if clip is not None else good[0], length, self.crop, rng)
+            crop_window(
+                clip if clip is not None else good[0], length, self.crop, rng, self.crop_tries
+            )
             for clip in clips
         ]
         return torch.stack(crops)  # [B, 3, T, crop, crop]
@@ -226,6 +245,7 @@ class VAEDataModule(StepDataModule):
         num_steps: int,
         num_workers: int = 0,
         val_fraction: float = 0.0,
+        crop_tries: int = 1,
     ) -> None:
         super().__init__(num_workers)
         self.val_fraction = val_fraction
@@ -239,6 +259,7 @@ class VAEDataModule(StepDataModule):
                 multiple=multiple,
                 seed=seed,
                 temporal_factor=temporal_factor,
+                crop_tries=crop_tries,
             ),
         )
         self.num_steps = num_steps

@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -147,6 +147,8 @@ def shards_from_world(
     num_images: int,
     seed: int,
     clip_lengths: Sequence[int] | None = None,
+    max_objects: int = 3,
+    speed_scale: float = 1.0,
     **options: object,
 ) -> dict:
     """Render `num_clips` clips and `num_images` images of the embedded world (train split) into shards.
@@ -154,7 +156,8 @@ def shards_from_world(
     Deterministic in `seed`: sample i is drawn from its own generator seeded (seed, kind, i), so
     the same seed gives the same scenes, records and images (clip bytes: see `encode_mp4`).
     Clips and images are interleaved evenly; an array task (`num_parts`) takes every
-    num_parts-th sample of that interleaved order. `options` are the fields of `Output`
+    num_parts-th sample of that interleaved order. `max_objects` and `speed_scale` configure the
+    world (`world.sample_scene`; the CPU demo uses one fast object). `options` are the fields of `Output`
     (max_count, max_size, overwrite, progress, workers, num_parts, part).
     """
     output = _output(out_dir, options)
@@ -169,8 +172,10 @@ def shards_from_world(
         [("clip", i) for i in range(num_clips)], [("image", i) for i in range(num_images)]
     )
     request = {"world_clips": num_clips, "world_images": num_images, "seed": seed}
-    request["clip_lengths"] = list(lengths)
-    work = functools.partial(_world_job, seed=seed, lengths=lengths)
+    request.update(clip_lengths=list(lengths), max_objects=max_objects, speed_scale=speed_scale)
+    scenes = {"max_objects": max_objects, "speed_scale": speed_scale}
+    world.sample_scene(np.random.default_rng(0), num_frames=max(lengths), **scenes)  # fail fast
+    work = functools.partial(_world_job, seed=seed, lengths=lengths, scenes=scenes)
     return _ingest(jobs, work, output, "world", request)
 
 
@@ -181,16 +186,20 @@ def _interleave(clips: list, images: list) -> list:
     return [job for _, _, job in sorted(keyed, key=lambda item: item[:2])]
 
 
-def _world_job(job: tuple[str, int], *, seed: int, lengths: Sequence[int]) -> Outcome:
+def _world_job(
+    job: tuple[str, int], *, seed: int, lengths: Sequence[int], scenes: dict[str, Any]
+) -> Outcome:
     kind, index = job
-    return Outcome(_world_sample(kind, index, seed, lengths))
+    return Outcome(_world_sample(kind, index, seed, lengths, scenes))
 
 
-def _world_sample(kind: str, index: int, seed: int, lengths: Sequence[int]) -> dict:
+def _world_sample(
+    kind: str, index: int, seed: int, lengths: Sequence[int], scenes: dict[str, Any]
+) -> dict:
     """Render one world scene and encode it like a real file (mp4 clip or png image)."""
     rng = np.random.default_rng([seed, 0 if kind == "clip" else 1, index])
     num_frames = int(rng.choice(lengths)) if kind == "clip" else 1
-    scene = world.sample_scene(rng, num_frames=num_frames, resolution=None, split="train")
+    scene = world.sample_scene(rng, num_frames=num_frames, resolution=None, split="train", **scenes)
     frames = world.render(scene)  # T H W 3
     if kind == "clip":
         ext, media = "mp4", encode_mp4(frames, fps=scene.fps)
@@ -439,8 +448,18 @@ def _media_sample(
         detail = f"FFmpeg reads it as {info.container!r}, a container shards.CONTAINER_EXTS lacks"
         return Outcome(None, "unsupported_format", f"{path} ({detail})")
     return Outcome(
-        {"__key__": key, ext: data, "json": make_meta(info, caption, captions, source=rel)}
+        {"__key__": key, ext: data, "json": make_meta(info, caption, captions, source=_text(rel))}
     )
+
+
+def _text(name: str) -> str:
+    """A file name as valid Unicode for the JSON record: bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) become `\\xNN` escapes instead of failing the whole ingest."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # the name's own bytes
+    except UnicodeEncodeError:  # a lone surrogate that no file system byte maps to (JSON "\\ud800")
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _quick_check(data: bytes) -> MediaInfo:
@@ -478,9 +497,19 @@ def _read_manifest(manifest: Path) -> Iterator[dict | None]:
             yield row if isinstance(row, dict) else None
 
 
+def _is_unicode(row: dict) -> bool:
+    """False when a row holds text UTF-8 cannot encode (a JSON `\\ud800` escape): the shard
+    record could not be written."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_row(row: dict | None, base: Path) -> tuple[Path, str, dict | None] | Outcome:
     """Validate one manifest row -> (file path, caption, captions), or the skip Outcome."""
-    if row is None or not row.get("path"):
+    if row is None or not row.get("path") or not _is_unicode(row):
         return Outcome(None, "invalid_row", repr(row))
     captions = row.get("captions") or None
     if isinstance(captions, str):
@@ -728,6 +757,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the world renderer")
     parser.add_argument(
+        "--world-clip-lengths",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=None,
+        help="comma-separated frame counts of world clips (default: 5,9,17,33)",
+    )
+    parser.add_argument("--world-max-objects", type=int, default=3, help="objects per world scene")
+    parser.add_argument(
+        "--world-speed-scale", type=float, default=1.0, help="multiplier on world object speeds"
+    )
+    parser.add_argument(
         "--output", type=Path, required=True, help="output folder for shards and summary.json"
     )
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
@@ -777,6 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_clips=args.world_clips,
             num_images=args.world_images,
             seed=args.seed,
+            clip_lengths=args.world_clip_lengths,
+            max_objects=args.world_max_objects,
+            speed_scale=args.world_speed_scale,
             **common,
         )
     elif args.input is not None:

@@ -39,6 +39,12 @@ class DatasetConfig:
     """world: still images rendered."""
     seed: int = 0
     """world: renderer seed."""
+    clip_lengths: tuple[int, ...] = ()
+    """world: frame counts of rendered clips; empty: every world length (5, 9, 17, 33)."""
+    max_objects: int = 3
+    """world: at most this many objects per scene (1 to 3)."""
+    speed_scale: float = 1.0
+    """world: multiplier on object speeds (further per frame, so motion is more of each clip)."""
     shard_max_count: int = 500
     """Samples per written shard."""
     workers: int = 1
@@ -53,6 +59,14 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         self.prompts = tuple(str(p) for p in self.prompts or ())
+        self.clip_lengths = tuple(int(n) for n in self.clip_lengths or ())
+        if any(n < 2 for n in self.clip_lengths):
+            raise ValueError(f"dataset.clip_lengths must be >= 2 frames, got {self.clip_lengths}")
+        if not 1 <= self.max_objects <= 3 or not self.speed_scale > 0:
+            raise ValueError(
+                f"dataset.max_objects must be 1..3 and dataset.speed_scale > 0, got "
+                f"{self.max_objects} and {self.speed_scale}"
+            )
         if self.name not in SOURCES:
             raise ValueError(f"dataset.name={self.name!r} is not one of {SOURCES}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -112,6 +112,9 @@ class ObjectSpec:
     """Start centre, fraction of the frame width."""
     y0: float
     """Start centre, fraction of the frame height."""
+    speed_scale: float = 1.0
+    """Multiplier on SPEEDS: a world configuration may move objects further per frame (the CPU
+    demo does, so that motion is a larger part of each clip); captions still say slowly/quickly."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -126,6 +129,8 @@ class ObjectSpec:
                 raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
         if self.shape == "circle" and self.motion == "rotate":
             raise ValueError("a rotating circle looks still: circle+rotate is not allowed")
+        if not self.speed_scale > 0:
+            raise ValueError(f"speed_scale must be > 0, got {self.speed_scale}")
 
     def to_dict(self) -> dict:
         """JSON-able form (stored in shard records)."""
@@ -133,8 +138,8 @@ class ObjectSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> ObjectSpec:
-        """Inverse of `to_dict`."""
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """Inverse of `to_dict` (records written before `speed_scale` existed have scale 1)."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ def _trajectory(obj: ObjectSpec, width: int, height: int, num_frames: int) -> tu
     """Per-frame centre x, y (pixels), radius scale and angle (radians) of one object."""
     frames = np.arange(num_frames, dtype=np.float64)
     progress = _progress(num_frames)
-    step = SPEEDS[obj.speed] * width
+    step = SPEEDS[obj.speed] * obj.speed_scale * width
     dir_x, dir_y = _DIRECTIONS.get(obj.motion, (0, 0))
     centre_x = obj.x0 * width + dir_x * step * frames
     centre_y = obj.y0 * height + dir_y * step * frames
@@ -297,7 +302,10 @@ def _allowed_triple(colour: str, shape: str, motion: str, split: str) -> bool:
 
 
 def _place(
-    rng: np.random.Generator, attrs: tuple[str, str, str, str, str], size_res: tuple[int, int, int]
+    rng: np.random.Generator,
+    attrs: tuple[str, str, str, str, str],
+    size_res: tuple[int, int, int],
+    speed_scale: float = 1.0,
 ) -> ObjectSpec | None:
     """Place an object so it stays inside the frame; downgrade speed, then size, if needed."""
     colour, shape, motion, size, speed = attrs
@@ -308,18 +316,21 @@ def _place(
     for size_name in sizes:
         extent = _extent_px(shape, size_name, motion, width, height)
         for speed_name in speeds:
-            travel = SPEEDS[speed_name] * width * (num_frames - 1)
+            travel = SPEEDS[speed_name] * speed_scale * width * (num_frames - 1)
             start_x = _fit_start(rng, extent, dir_x * travel, width)
             start_y = _fit_start(rng, extent, dir_y * travel, height)
             if start_x is not None and start_y is not None:
-                return ObjectSpec(
-                    shape, colour, size_name, motion, speed_name, start_x / width, start_y / height
-                )
+                start = (start_x / width, start_y / height)
+                return ObjectSpec(shape, colour, size_name, motion, speed_name, *start, speed_scale)
     return None
 
 
 def _sample_object(
-    rng: np.random.Generator, size_res: tuple[int, int, int], split: str, motions: tuple[str, ...]
+    rng: np.random.Generator,
+    size_res: tuple[int, int, int],
+    split: str,
+    motions: tuple[str, ...],
+    speed_scale: float = 1.0,
 ) -> ObjectSpec | None:
     """Draw random attributes (respecting the split) and place the object; None if it never fits."""
     for _ in range(100):
@@ -329,7 +340,7 @@ def _sample_object(
         if not _allowed_triple(colour, shape, motion, split):
             continue
         attrs = (colour, shape, motion, str(rng.choice(list(SIZES))), str(rng.choice(list(SPEEDS))))
-        obj = _place(rng, attrs, size_res)
+        obj = _place(rng, attrs, size_res, speed_scale)
         if obj is not None:
             return obj
     return None
@@ -343,12 +354,14 @@ def sample_scene(
     max_objects: int = 3,
     split: str = "train",
     motions: tuple[str, ...] = MOTIONS,
+    speed_scale: float = 1.0,
 ) -> Scene:
     """Sample a random scene: 1-3 non-overlapping objects that stay fully inside the frame.
 
     split: "train" never yields a HELD_OUT triple, "heldout" yields only HELD_OUT triples (for
     eval-like clips), "all" has no restriction. `motions` restricts the motion vocabulary (the
     detector's truth check uses EVAL_MOTIONS). resolution: a RESOLUTIONS key, or None for random.
+    speed_scale multiplies every object's speed (see `ObjectSpec.speed_scale`).
     """
     if split not in _SPLITS:
         raise ValueError(f"split={split!r} is not one of {_SPLITS}")
@@ -367,7 +380,7 @@ def sample_scene(
     for _ in range(8 * num_objects):
         if len(objects) == num_objects:
             break
-        obj = _sample_object(rng, (width, height, num_frames), split, tuple(motions))
+        obj = _sample_object(rng, (width, height, num_frames), split, tuple(motions), speed_scale)
         if obj is None:
             continue
         if not any(_overlaps(obj, other, width, height, num_frames) for other in objects):

@@ -86,6 +86,21 @@ def resolution_shift(
     return torch.exp(mu).float()
 
 
+def training_shift(
+    num_tokens: Tensor,
+    num_frames: Tensor,
+    shift: float | None,
+    image_shift: float | None = None,
+) -> Tensor:
+    """Per-sample shift [B]: `shift` (None: the token-count `resolution_shift`), and `image_shift`
+    for single-frame samples when given, so a joint image+video stage noises each kind its way."""
+    derived = resolution_shift(num_tokens)
+    shifts = derived if shift is None else torch.full_like(derived, float(shift))
+    if image_shift is not None:
+        shifts = torch.where(torch.as_tensor(num_frames) == 1, float(image_shift), shifts)
+    return shifts
+
+
 def add_noise(x0: Tensor, noise: Tensor, t_tokens: Tensor) -> Tensor:
     """x_t = (1 - t) x0 + t noise with a per-token t [L] (each token carries its sample's t)."""
     t = t_tokens.to(x0.dtype).unsqueeze(-1)

@@ -120,6 +120,11 @@ def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         "manifest": ["--manifest", str(absolute(dataset.path))],
     }[dataset.name]
     seed = ["--seed", str(dataset.seed)] if dataset.name == "world" else []
+    if dataset.name == "world":
+        seed += ["--world-max-objects", str(dataset.max_objects)]
+        seed += ["--world-speed-scale", str(dataset.speed_scale)]
+        if dataset.clip_lengths:
+            seed += ["--world-clip-lengths", ",".join(map(str, dataset.clip_lengths))]
     return [*PY, "sora_lightning.data.ingest", *source, *seed, *common]
 
 

@@ -44,6 +44,10 @@ class Stage:
     """Peak learning rate of the stage."""
     shift: float | None = None
     """Timestep shift; None derives it from each sample's token count (SD3 resolution shift)."""
+    image_shift: float | None = None
+    """Timestep shift of the single-frame samples of a joint image+video stage; None: as `shift`.
+    Why: clips need noisy levels to learn motion (shift 4 in the demo) while images learn shape
+    at mid noise, and one stage trains both."""
     sequence_parallel: int = 1
     """Ranks that share one packed sequence (Ulysses all-to-all over heads); 1 disables it. Groups
     of this many consecutive ranks train on the same batch, so the world size must divide by it
@@ -73,11 +77,12 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: token_budget, lr and max_area must be positive")
         if self.sequence_parallel < 1:
             raise ValueError(f"stage {self.name!r}: sequence_parallel must be >= 1")
-        if self.shift is not None and not self.shift > 0:
-            raise ValueError(
-                f"stage {self.name!r}: shift must be > 0 (or null for the token-count shift), "
-                f"got {self.shift}"
-            )
+        for name, value in (("shift", self.shift), ("image_shift", self.image_shift)):
+            if value is not None and not value > 0:
+                raise ValueError(
+                    f"stage {self.name!r}: {name} must be > 0 (or null for the token-count "
+                    f"shift), got {value}"
+                )
         self._check_cond_modes()
 
     def _check_cond_modes(self) -> None:

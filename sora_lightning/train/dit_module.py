@@ -124,11 +124,13 @@ class DiTModule(L.LightningModule):
             generator=generator,
         )
         stage = self._stage()
-        if stage.shift is not None:
-            return flow.shift_timesteps(t, stage.shift)
-        if self.flow_cfg.resolution_shift:
-            return flow.shift_timesteps(t, flow.resolution_shift(batch.cu_seqlens.diff()))
-        return t
+        derived = stage.shift is None and self.flow_cfg.resolution_shift
+        if stage.shift is None and stage.image_shift is None and not derived:
+            return t
+        shift = 1.0 if stage.shift is None and not derived else stage.shift
+        frames = batch.grid_sizes[:, 0]  # latent frames per sample: 1 is an image
+        shifts = flow.training_shift(batch.cu_seqlens.diff(), frames, shift, stage.image_shift)
+        return flow.shift_timesteps(t, shifts)
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Tensor | None:
         degree = self._stage().sequence_parallel

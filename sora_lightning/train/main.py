@@ -229,7 +229,10 @@ def _vae_datamodule(cfg: DictConfig, steps: int) -> VAEDataModule:
         num_steps=steps,
         num_workers=cfg.data.num_workers,
         val_fraction=cfg.dataset.val_fraction,
+        crop_tries=int(hp.get("crop_tries", 1)),
     )
+    if kwargs["crop_tries"] < 1:
+        raise ValueError(f"vae_train.crop_tries must be >= 1, got {kwargs['crop_tries']}")
     shards = expand_shards(cfg.data.shards)
     if loader == "stream":
         return StreamingVAEDataModule(

@@ -93,3 +93,14 @@ def test_motion_probe_reads_true_clips_and_prints_its_curve(
     assert [point["step"] for point in result["curve"]] == [2, 4]
     assert 0 <= result["final"]["direction_acc"] <= 1 and result["clips_seen"] == 12
     assert set(result["final"]["mean_travel"]) == set(probe.MOTIONS)
+
+
+def test_text_separation_finds_minilm_last_layer_blind_to_direction(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The measurement behind the demo's text layers [0, -1] (tools/bench/text_separation.py)."""
+    load_bench("text_separation").main(["--layers", "0,-1"])
+    layers = printed_json(capsys)["layers"]
+    assert 0.7 < layers["0"]["motion_vs_colour"] < 1.4  # token embeddings: left/right like colours
+    assert layers["-1"]["motion_vs_colour"] < 0.25  # last layer: directions nearly merged
+    assert layers["-1"]["colour"]["token"] > 2 * layers["-1"]["left/right"]["token"]

@@ -6,6 +6,7 @@ import itertools
 import pickle
 from collections import Counter
 
+import numpy as np
 import torch
 
 from sora_lightning.data.latent_cache import CachedSample
@@ -130,3 +131,19 @@ def test_two_ranks_two_workers_resume_exactly() -> None:
         assert len(full) == 6
         assert batches(rank, 3) == full[3:]
         assert batches(rank, 5) == full[5:]
+
+
+def test_crop_tries_keeps_the_most_varied_window_and_one_try_is_unchanged() -> None:
+    """A flat clip with one small object: more tries find the object more often."""
+    from sora_lightning.data.datamodule import crop_window
+
+    clip = np.zeros((1, 64, 64, 3), np.uint8)
+    clip[:, 50:58, 50:58] = 255  # an object in one corner
+
+    def hits(tries: int) -> int:
+        rng = np.random.default_rng(0)
+        return sum(float(crop_window(clip, 1, 16, rng, tries).max()) > 0 for _ in range(200))
+
+    assert hits(8) > 2 * hits(1)
+    one, default = np.random.default_rng(3), np.random.default_rng(3)
+    assert torch.equal(crop_window(clip, 1, 16, one, 1), crop_window(clip, 1, 16, default))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sora_lightning.diffusion import flow
@@ -52,3 +53,15 @@ def test_guidance_scale_one_is_conditional() -> None:
 def test_cosine_warmup_shape() -> None:
     values = [flow.cosine_warmup_lr(s, warmup_steps=10, total_steps=100) for s in range(100)]
     assert values[0] == 0.1 and values[9] == 1.0 and values[-1] < 0.2
+
+
+def test_training_shift_gives_images_their_own_shift_in_a_joint_stage() -> None:
+    tokens, frames = torch.tensor([48, 240, 48]), torch.tensor([1, 5, 1])
+    derived = flow.resolution_shift(tokens)
+    assert torch.equal(flow.training_shift(tokens, frames, None), derived)
+    assert flow.training_shift(tokens, frames, 4.0).tolist() == [4.0, 4.0, 4.0]
+    assert flow.training_shift(tokens, frames, 4.0, image_shift=1.6).tolist() == pytest.approx(
+        [1.6, 4.0, 1.6]
+    )
+    mixed = flow.training_shift(tokens, frames, None, image_shift=2.0)
+    assert mixed[0] == 2.0 and mixed[1] == derived[1]

@@ -299,3 +299,32 @@ def test_eval_prompts_are_one_per_held_out_triple() -> None:
         (found,) = parse_prompt(prompt)
         triples.add((found["colour"], found["shape"], found["motion"]))
     assert triples == HELD_OUT
+
+
+def test_speed_scale_moves_objects_further_and_round_trips() -> None:
+    """A world configuration may move objects further per frame (the CPU demo's 3x)."""
+    base = ObjectSpec("circle", "red", "small", "right", "slow", 0.2, 0.5)
+    fast = ObjectSpec("circle", "red", "small", "right", "slow", 0.2, 0.5, speed_scale=3.0)
+    travel = [world._trajectory(o, 64, 48, 9)[0] for o in (base, fast)]
+    assert np.allclose(travel[1] - travel[1][0], 3.0 * (travel[0] - travel[0][0]))
+    assert ObjectSpec.from_dict(fast.to_dict()) == fast
+    old_record = {k: v for k, v in base.to_dict().items() if k != "speed_scale"}
+    assert ObjectSpec.from_dict(old_record) == base  # shards written before the option
+    with pytest.raises(ValueError, match="speed_scale"):
+        ObjectSpec("circle", "red", "small", "right", "slow", 0.2, 0.5, speed_scale=0.0)
+
+
+def test_demo_world_scenes_hold_one_fast_object_inside_the_frame() -> None:
+    scenes = _scenes(200, seed=5, lengths=(9,), max_objects=1, speed_scale=3.0)
+    assert all(len(s.objects) == 1 and s.objects[0].speed_scale == 3.0 for s in scenes)
+    for scene in scenes:
+        obj = scene.objects[0]
+        centre_x, centre_y, _, _ = world._trajectory(obj, scene.width, scene.height, 9)
+        extent = world._extent_px(obj.shape, obj.size, obj.motion, scene.width, scene.height)
+        assert centre_x.min() - extent >= -1e-6 and centre_x.max() + extent <= scene.width + 1e-6
+        assert centre_y.min() - extent >= -1e-6 and centre_y.max() + extent <= scene.height + 1e-6
+    for scene in (s for s in scenes if s.objects[0].motion in ("left", "right")):
+        obj = scene.objects[0]
+        centre_x = world._trajectory(obj, scene.width, scene.height, 9)[0]
+        travel = abs(centre_x[-1] - centre_x[0]) / scene.width
+        assert travel >= 0.03 * 8 - 1e-9  # the slow speed x3: a quarter of the width in 9 frames
