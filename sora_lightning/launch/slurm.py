@@ -8,6 +8,12 @@ the handler only sets a flag; at the next step boundary every rank agrees to sto
 (`SlurmTrainJob.checkpoint`) and requeues the job. The requeued job resumes from the newest
 checkpoint like any re-run. Requeues are bounded by `max_requeues`.
 
+SIGTERM (what `scontrol requeue`, `scancel`, SLURM's preemption in REQUEUE/CANCEL mode,
+Kubernetes and a plain `kill` send, some seconds before SIGKILL) gets the same step-boundary
+checkpoint, then the process exits without asking for a requeue: whoever sent SIGTERM already
+decided whether the job comes back. Lightning's own SIGTERM handling (stop after the batch, no
+checkpoint, exit status 0) is replaced while training runs.
+
 A service of train: the training function comes in as an argument (`train.main` passes its own
 `train`), so this module never imports train. submitit pickles the function by its qualified
 name, and the job imports `sora_lightning.train.main` when it unpickles it.
@@ -20,7 +26,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _STOP_REQUESTED = threading.Event()
 _HANDLER_ACTIVE = threading.Event()
+_FIRST_SIGNAL: list[int] = []
+"""The stop signal that arrived first (the exit status and the requeue decision follow it)."""
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 TrainFn = Callable[[DictConfig], dict[str, Any]]
 """`train(cfg) -> summary`: what a job runs (a module-level function, so it pickles by name)."""
@@ -90,22 +100,74 @@ class SlurmLauncherConfig:
         return self.nodes * self.tasks_per_node
 
 
+PREEMPTED_EXIT_CODE = 75
+"""Exit status (EX_TEMPFAIL) of a rank stopped by SIGUSR2 in a plain sbatch job: "requeue me"."""
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+"""Exit status after a SIGTERM stop (the shell's "killed by SIGTERM"): the batch script does not
+requeue; `scontrol requeue` or the scheduler already did, or the job was cancelled."""
+
+
 class PreemptedError(Exception):
     """Raised at a step boundary after the preemption checkpoint is on disk: ends fit() on every rank."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return TERMINATED_EXIT_CODE if self.signum == signal.SIGTERM else PREEMPTED_EXIT_CODE
 
 
 def request_stop(signum: int, frame: Any = None) -> None:
     """Signal handler: only records the request; the checkpoint happens at the next step boundary."""
+    if not _STOP_REQUESTED.is_set():
+        _FIRST_SIGNAL[:] = [signum]
     _STOP_REQUESTED.set()
 
 
+def stop_signal() -> int | None:
+    """The signal that asked this process to stop (None: another rank asked, or none did)."""
+    return _FIRST_SIGNAL[0] if _STOP_REQUESTED.is_set() and _FIRST_SIGNAL else None
+
+
+@contextmanager
+def stop_signals_handled() -> Iterator[None]:
+    """While the block runs, SIGUSR2 and SIGTERM only request a step-boundary checkpoint and stop
+    (`PreemptionCheckpoint`); the previous handlers come back afterwards. Signal handlers can be
+    set only from the main thread: elsewhere the block runs without them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    _STOP_REQUESTED.clear()  # a request that stopped an earlier run in this process is spent
+    _FIRST_SIGNAL.clear()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)
+    _HANDLER_ACTIVE.set()
+    try:
+        yield
+    finally:
+        _HANDLER_ACTIVE.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def preemption_callbacks() -> list[L.Callback]:
-    """[PreemptionCheckpoint()] inside a SLURM job started by this launcher, else [] (local runs)."""
+    """[PreemptionCheckpoint()] while `stop_signals_handled` is active (sora-train's local and
+    SLURM launchers), else [] (`train(cfg)` called directly keeps Lightning's own handling)."""
     return [PreemptionCheckpoint()] if _HANDLER_ACTIVE.is_set() else []
 
 
 class PreemptionCheckpoint(L.Callback):
-    """After a batch, if any rank received SIGUSR2, save `step=N.ckpt` and stop every rank together."""
+    """After a batch, if any rank received SIGUSR2 or SIGTERM, save `step=N.ckpt` and stop every
+    rank together."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take SIGTERM back from Lightning, which set its own in fit() (stop, no checkpoint)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, request_stop)
 
     def on_train_batch_end(
         self,
@@ -123,7 +185,12 @@ class PreemptionCheckpoint(L.Callback):
         )
         path = Path(dirpath) / f"step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
-        raise PreemptedError(f"preempted at step {trainer.global_step}; checkpoint {path}")
+        signum = stop_signal()
+        name = signal.Signals(signum).name if signum else "a stop request from another rank"
+        raise PreemptedError(
+            f"preempted at step {trainer.global_step}; checkpoint {path} (stopped by {name})",
+            signum,
+        )
 
 
 class SlurmTrainJob(submitit.helpers.Checkpointable):
@@ -134,22 +201,21 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         self.requeues = 0
 
     def __call__(self, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-        """Train with SIGUSR2 turned into a step-boundary checkpoint, then requeue through submitit."""
+        """Train with SIGUSR2/SIGTERM turned into a step-boundary checkpoint; after SIGUSR2,
+        requeue through submitit (SIGTERM: SLURM requeues or cancels the job by itself)."""
         env = submitit.JobEnvironment()
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, request_stop)
-        _HANDLER_ACTIVE.set()
         configure_job_environment(cfg_dict)
         log.info("%s, requeues so far %d of %d", env, self.requeues, self.max_requeues)
         try:
-            return self.train_fn(OmegaConf.create(cfg_dict))
+            with stop_signals_handled():
+                return self.train_fn(OmegaConf.create(cfg_dict))
         except PreemptedError as stop:
             log.warning("%s (rank %d)", stop, env.global_rank)
-            if env.global_rank == 0 and callable(submitit_handler):
+            requeue = stop.signum != signal.SIGTERM
+            if requeue and env.global_rank == 0 and callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)  # checkpoint() + scontrol requeue + exit
             return {"preempted": True, "rank": env.global_rank, "requeues": self.requeues}
-        finally:
-            _HANDLER_ACTIVE.clear()
 
     def checkpoint(self, cfg_dict: dict[str, Any]) -> submitit.helpers.DelayedSubmission | None:
         """The same call again (it resumes from the newest checkpoint), or None once requeues run out."""
@@ -160,27 +226,20 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, cfg_dict)
 
 
-PREEMPTED_EXIT_CODE = 75
-"""Exit status (EX_TEMPFAIL) of a rank stopped by SIGUSR2 in a plain sbatch job: "requeue me"."""
-
-
 def train_in_job(cfg: DictConfig, train_fn: TrainFn) -> dict[str, Any]:
-    """`sora-train` with launcher=local: `train_fn(cfg)`; under srun (slurm/train.sbatch) SIGUSR2
-    becomes a step-boundary checkpoint and the process exits with PREEMPTED_EXIT_CODE for the
-    script to requeue."""
-    if "SLURM_STEP_ID" not in os.environ:
-        return train_fn(cfg)
-    signal.signal(signal.SIGUSR2, request_stop)
-    _HANDLER_ACTIVE.set()
+    """`sora-train` with launcher=local: `train_fn(cfg)`, with SIGUSR2 and SIGTERM turned into a
+    step-boundary checkpoint. Then the process exits: PREEMPTED_EXIT_CODE after SIGUSR2 (under
+    srun, slurm/train.sbatch requeues), TERMINATED_EXIT_CODE after SIGTERM. Re-running the same
+    command resumes from that checkpoint."""
     try:
-        return train_fn(cfg)
+        with stop_signals_handled():
+            return train_fn(cfg)
     except PreemptedError as stop:
-        print(
-            f"{stop}; exiting with {PREEMPTED_EXIT_CODE} so the batch script requeues", flush=True
+        why = (
+            "so the batch script requeues" if stop.exit_code == PREEMPTED_EXIT_CODE else "(SIGTERM)"
         )
-        sys.exit(PREEMPTED_EXIT_CODE)
-    finally:
-        _HANDLER_ACTIVE.clear()
+        print(f"{stop}; exiting with {stop.exit_code} {why}", flush=True)
+        sys.exit(stop.exit_code)
 
 
 def configure_job_environment(cfg_dict: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from sora_lightning.eval.evaluate import headline
 from sora_lightning.pipeline.ownership import RunFolder
 from sora_lightning.pipeline.runner import StepResult, config_changes, run_local, select_steps
 from sora_lightning.pipeline.steps import Step
+from sora_lightning.runlock import LOCK_NAME, hold_run_lock
 from sora_lightning.train.main import validate
 from sora_lightning.utils import write_json_atomic
 
@@ -76,14 +77,15 @@ def summarize(results: list[StepResult], run_dir: Path) -> dict[str, Any]:
 def written_names(steps: list[Step], slurm: bool) -> list[str]:
     """Every top-level name in the run folder that running `steps` writes."""
     names = [step.writes for step in steps] + ["logs", "steps", "pipeline.yaml", "summary.json"]
-    return names + (["slurm"] if slurm else [])
+    return names + [LOCK_NAME] + (["slurm"] if slurm else [])
 
 
 def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Check the config and the run folder, then run the requested steps locally or on SLURM.
 
     Everything that can be refused is refused here, before any step starts: a bad config, an
-    input that does not exist, a file in the run folder that the pipeline did not write.
+    input that does not exist, another pipeline already running in the run folder (`runlock`), a
+    file in the run folder that the pipeline did not write.
     """
     validate(OmegaConf.merge(cfg, {"task": "vae", "data": {"shards": "x"}}))
     if cfg.launcher.name not in ("local", "slurm"):
@@ -91,6 +93,15 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     names = list(cfg.pipeline.steps) if cfg.pipeline.get("steps") else None
     steps = select_steps(names, cfg)
+    RunFolder(run_dir).check(written_names(steps, cfg.launcher.name == "slurm"))
+    with hold_run_lock(run_dir, "sora-pipeline"):  # steps' sora-train lock RUN/vae, RUN/dit
+        return _run_locked(cfg, overrides, run_dir, names, steps)
+
+
+def _run_locked(
+    cfg: DictConfig, overrides: list[str], run_dir: Path, names: list[str] | None, steps: list[Step]
+) -> dict[str, Any]:
+    """`run_pipeline` once this process holds the run folder's lock (claimed again under it)."""
     RunFolder(run_dir).claim(written_names(steps, cfg.launcher.name == "slurm"))
     changed = {} if cfg.pipeline.force else config_changes(steps, cfg, run_dir)
     if changed:

@@ -5,6 +5,8 @@ replace their outputs when they rerun. The pipeline therefore writes only into n
 claimed: a name is claimed when it does not exist yet (or is an empty folder), and the claim is
 recorded in `.sora-pipeline.json` before anything is written there. A name that exists and was
 never claimed belongs to someone else: the run is refused before any step starts, naming it.
+The run folder's lock file (`runlock.LOCK_NAME`, written by whichever sora tool locked the folder
+first, before this check runs) is always the pipeline's own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from sora_lightning.runlock import LOCK_NAME
 from sora_lightning.utils import write_json_atomic
 
 REGISTRY_NAME = ".sora-pipeline.json"
@@ -57,7 +60,7 @@ class RunFolder:
 
     def foreign(self, names: Iterable[str]) -> list[Path]:
         """The paths among `names` that exist, hold something, and were not claimed by us."""
-        owned = self.owned()
+        owned = self.owned() | {LOCK_NAME}
         found = []
         for name in names:
             path = self.run_dir / name
@@ -72,6 +75,14 @@ class RunFolder:
         Called once before any step runs, with every name the requested steps will write.
         """
         names = sorted(set(names))
+        self.check(names)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.registry, {"owned": sorted(self.owned() | set(names))})
+
+    def check(self, names: Iterable[str]) -> None:
+        """`claim`'s refusal without writing anything (run before the folder is locked, so a
+        refused folder gets no lock file either)."""
+        names = sorted(set(names))
         if self.registry.exists() and not self.registry.is_file():
             raise NotOurs(f"{self.registry} exists and is not the pipeline's registry file")
         foreign = self.foreign(names)
@@ -83,5 +94,3 @@ class RunFolder:
                 "are read in place with dataset=shards dataset.path='DIR/*.tar' (DIR outside "
                 "the run folder)."
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.registry, {"owned": sorted(self.owned() | set(names))})

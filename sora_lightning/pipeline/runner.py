@@ -2,14 +2,22 @@
 
 Each step runs as its own process with its output shown and kept in `logs/<step>.log`; a failed
 step stops its dependents and the report names the step and its log.
+
+SIGTERM or SIGUSR2 sent to the pipeline (Kubernetes, `kill`, a scheduler) is passed on to the
+running step, whose training checkpoints at its next step boundary and exits; no later step
+starts, and rerunning the pipeline continues from that checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,18 +74,59 @@ def config_changes(steps: list[Step], cfg: DictConfig, run_dir: Path) -> dict[st
     return changed
 
 
+class StopRequests:
+    """Stop signals the pipeline received, and the step process they are passed on to."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.process: subprocess.Popen | None = None
+
+    def handle(self, signum: int, frame: object = None) -> None:
+        self.signum = self.signum or signum
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)  # the step checkpoints and exits
+
+
+STOPS = StopRequests()
+
+
+@contextmanager
+def stop_signals_forwarded() -> Iterator[StopRequests]:
+    """While steps run, SIGTERM/SIGUSR2 go to the running step and stop the pipeline after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield STOPS
+        return
+    previous = {signum: signal.getsignal(signum) for signum in StopRequests.SIGNALS}
+    STOPS.signum = None
+    for signum in StopRequests.SIGNALS:
+        signal.signal(signum, STOPS.handle)
+    try:
+        yield STOPS
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_command(command: list[str], log_path: Path) -> int:
     """Run one step's command, streaming its output to the console and to its log file."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log_file:
         log_file.write(("$ " + " ".join(command) + "\n").encode())
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        STOPS.process = process
+        if STOPS.signum is not None:  # arrived while the step was starting
+            process.send_signal(STOPS.signum)
         assert process.stdout is not None
-        for chunk in iter(lambda: process.stdout.read1(4096), b""):  # type: ignore[union-attr]
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log_file.write(chunk)
-        return process.wait()
+        try:
+            for chunk in iter(lambda: process.stdout.read1(4096), b""):  # type: ignore[union-attr]
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log_file.write(chunk)
+            return process.wait()
+        finally:
+            STOPS.process = None
 
 
 def select_steps(names: list[str] | None, cfg: DictConfig | None = None) -> list[Step]:
@@ -112,20 +161,37 @@ def run_local(
     names: list[str] | None = None,
     force: bool = False,
 ) -> list[StepResult]:
-    """Run the selected steps; dependents of a failed step are reported as blocked, not run."""
+    """Run the selected steps; dependents of a failed step are reported as blocked, not run.
+
+    After a stop signal (`stop_signals_forwarded`) no further step starts.
+    """
     results: dict[str, StepResult] = {}
-    for step in select_steps(names, cfg):
-        failed_inputs = [
-            i for i in step.inputs if results.get(i) and results[i].status in ("failed", "blocked")
-        ]
-        if failed_inputs:
-            results[step.name] = StepResult(step.name, "blocked", detail={"because": failed_inputs})
-            continue
-        if not force and verify(step, run_dir):
-            results[step.name] = skipped_result(step, run_dir)
-            continue
-        results[step.name] = _run_step(step, cfg, run_dir, overrides)
+    with stop_signals_forwarded() as stops:
+        for step in select_steps(names, cfg):
+            if stops.signum is not None:
+                print(f"{signal.Signals(stops.signum).name}: not starting {step.name}", flush=True)
+                break
+            results[step.name] = _next_result(step, results, cfg, run_dir, overrides, force)
     return list(results.values())
+
+
+def _next_result(
+    step: Step,
+    results: dict[str, StepResult],
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    force: bool,
+) -> StepResult:
+    """Blocked (an input failed), skipped (outputs verify) or run."""
+    failed_inputs = [
+        i for i in step.inputs if results.get(i) and results[i].status in ("failed", "blocked")
+    ]
+    if failed_inputs:
+        return StepResult(step.name, "blocked", detail={"because": failed_inputs})
+    if not force and verify(step, run_dir):
+        return skipped_result(step, run_dir)
+    return _run_step(step, cfg, run_dir, overrides)
 
 
 def _run_step(step: Step, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> StepResult:
@@ -136,6 +202,8 @@ def _run_step(step: Step, cfg: DictConfig, run_dir: Path, overrides: list[str]) 
     seconds = time.perf_counter() - start
     if code != 0 or not step.output_files(run_dir):
         detail = {"exit_code": code, "missing_outputs": not step.output_files(run_dir)}
+        if STOPS.signum is not None:
+            detail["stopped_by"] = signal.Signals(STOPS.signum).name
         return StepResult(step.name, "failed", seconds, str(log_path), detail)
     record = {"step": step.name, "seconds": seconds, "outputs": hash_outputs(step, run_dir)}
     if cfg is not None:

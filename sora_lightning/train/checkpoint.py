@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sora_lightning.train.weights import torch_load_safe
 from sora_lightning.utils import atomic_path, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             log.warning(
                 "weights_only=False requested for %s; loading with weights_only=True anyway", path
             )
-        return torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
+        return torch_load_safe(path, map_location or "cpu")
 
     def remove_checkpoint(self, path: Any) -> None:
         """Manifest first, then the file: an interrupted removal leaves nothing that counts."""

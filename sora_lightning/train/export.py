@@ -4,13 +4,22 @@ Usage: python -m sora_lightning.train.export --dit RUN/dit/final --vae RUN/vae -
    or: python -m sora_lightning.train.export --checkpoint RUN/dit/checkpoints/step=N.ckpt --output OUT
 The second form consolidates a sharded training checkpoint (DeepSpeed ZeRO-3 folder, FSDP2 / torch
 DCP folder) or a plain Lightning `.ckpt` into one safetensors file, with no process group needed.
+
+A checkpoint from someone else may carry pickled code, and both sharded formats use pickle: a DCP
+folder's `.metadata` is read with an unpickler that knows only DCP's own metadata classes, and
+DeepSpeed's loader, which would unpickle anything, runs with every `torch.load` forced to
+weights_only=True (`weights_only_loads`, allowing DeepSpeed's few plain classes).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +27,10 @@ import torch
 
 from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.train.weights import (
+    UntrustedModelError,
     load_dit,
     load_vae,
+    pickled_code_error,
     read_module_meta,
     save_module,
     torch_load_safe,
@@ -35,30 +46,141 @@ def _strip(key: str) -> str:
     return key
 
 
+DEEPSPEED_CLASSES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+)
+"""The classes besides tensors and plain data that DeepSpeed's checkpoint files pickle."""
+
+
+@contextmanager
+def weights_only_loads(allowed: list[Any]) -> Iterator[None]:
+    """Every `torch.load` in the block runs with weights_only=True (plus the `allowed` classes).
+
+    DeepSpeed's zero_to_fp32 loads its files with weights_only=False, so any pickled callable in
+    them would run; this makes the same calls refuse them, naming the file.
+    """
+    original = torch.load
+
+    def load(file: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return original(file, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            raise pickled_code_error(file, error) from error
+
+    torch.load = load  # DeepSpeed calls `torch.load` by attribute: swapped for the block only
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original
+
+
+def _zero3_tag_folder(folder: Path) -> Path:
+    """The folder that `latest` names, which must be a plain name inside `folder`."""
+    tag = (folder / "latest").read_text(encoding="utf-8", errors="replace").strip()
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or "\0" in tag:
+        raise UntrustedModelError(
+            f"{folder / 'latest'} names {tag!r}, not a folder inside {folder}; it is not loaded"
+        )
+    return folder / tag
+
+
 def _load_zero3(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """fp32 weights merged from every rank's ZeRO partitions (frozen EMA included) + Lightning's extras."""
+    import importlib
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder))
-    model_states = sorted(
-        (folder / (folder / "latest").read_text().strip()).glob("*model_states.pt")
-    )
-    extras = torch_load_safe(
-        model_states[0]
-    )  # Lightning's extras ride in DeepSpeed's model-states file
+    tag_folder = _zero3_tag_folder(folder)
+    allowed = [getattr(importlib.import_module(m), name) for m, name in DEEPSPEED_CLASSES]
+    with weights_only_loads(allowed):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag_folder.name)
+    model_states = sorted(tag_folder.glob("*model_states.pt"))
+    # Lightning's extras ride in DeepSpeed's model-states file
+    extras = torch_load_safe(model_states[0])
     return state, extras
 
 
-def _load_dcp(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full tensors from a torch.distributed.checkpoint folder, read in one process."""
+DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+"""What a DCP `.metadata` pickle may name: DCP's dataclasses and enums, torch sizes and dtypes."""
+
+
+class PlainMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata; any other class or function (how pickles run code) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+
+
+def read_dcp_metadata(folder: Path) -> Any:
+    """A DCP folder's `.metadata` through `PlainMetadataUnpickler` (UntrustedModelError if it
+    names anything else)."""
+    path = folder / ".metadata"
+    try:
+        return PlainMetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as error:
+        raise UntrustedModelError(
+            f"{path} is not plain DCP metadata ({error}); it is not loaded, because unpickling it "
+            "could run code"
+        ) from error
+
+
+def _safe_dcp_reader(folder: Path) -> Any:
+    """torch's FileSystemReader, with `.metadata` read by `read_dcp_metadata` (not pickle.load)."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = read_dcp_metadata(folder)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(folder)
+
+
+def _load_dcp(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full tensors from a torch.distributed.checkpoint folder, read in one process.
+
+    The tensor files are read with weights_only=True by torch itself; the metadata pickle through
+    `PlainMetadataUnpickler`.
+    """
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     loaded: dict[str, Any] = {}
     _load_state_dict(
         loaded,
-        storage_reader=FileSystemReader(folder),
+        storage_reader=_safe_dcp_reader(folder),
         planner=_EmptyStateDictLoadPlanner(),
         no_dist=True,
     )

@@ -35,6 +35,7 @@ from sora_lightning.parallel.strategies import (
     find_sharded_checkpoint,
     gathered_state_dict,
 )
+from sora_lightning.runlock import hold_run_lock
 from sora_lightning.train.cache import build_cache, cache_settings, vae_config_for
 from sora_lightning.train.callbacks import (
     BadDataMonitor,
@@ -393,9 +394,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return build_cache(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True)
-    return train_vae(cfg, run_dir) if cfg.task == "vae" else train_dit(cfg, run_dir)
+    with hold_run_lock(run_dir, "sora-train"):  # a second run on run_dir is refused, naming us
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        L.seed_everything(cfg.seed, workers=True)
+        return train_vae(cfg, run_dir) if cfg.task == "vae" else train_dit(cfg, run_dir)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
@@ -405,7 +407,7 @@ def main(cfg: DictConfig) -> None:
         validate(cfg)  # before anything is queued
         summary = launch_training(cfg, train)
     elif cfg.launcher.name == "local":
-        summary = train_in_job(cfg, train)  # plain train(cfg), plus SIGUSR2 handling under srun
+        summary = train_in_job(cfg, train)  # SIGTERM/SIGUSR2: checkpoint at a step, exit
     else:
         raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     print(summary)

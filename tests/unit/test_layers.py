@@ -31,6 +31,7 @@ LAYERS = {
     "models": 0,
     "utils": 0,
     "config": 0,
+    "runlock": 0,
     "": 0,  # sora_lightning/__init__.py
     "diffusion": 1,
     "data": 2,
