@@ -352,3 +352,17 @@ def cosine_warmup_lr(
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def truncated_schedule(schedule: Tensor, start: float) -> Tensor:
+    """The part of a sampling schedule (1 -> 0) below `start`, opened by `start` itself.
+
+    Why: SDEdit-style editing starts from data noised to t = start, so it solves only the rest of
+    the path with the same steps text-to-video takes there. start >= schedule[0] keeps the whole
+    schedule (editing at 1 is text-to-video); start = 0 leaves [0]: no step, the data unchanged.
+    """
+    if not 0.0 <= start <= 1.0:
+        raise ValueError(f"start must be in [0, 1], got {start}")
+    if start >= float(schedule[0]):
+        return schedule
+    return torch.cat([schedule.new_tensor([start]), schedule[schedule < start]])

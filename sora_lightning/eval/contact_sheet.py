@@ -9,12 +9,14 @@ always in), so a sheet stays readable however long the clip.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from sora_lightning.utils import atomic_path
+from sora_lightning.sample.provenance import Provenance, output_path
 
 
 def sheet_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
@@ -73,17 +75,23 @@ def contact_sheet(
     return sheet
 
 
-def write_png(path: str | Path, image: np.ndarray) -> Path:
+def write_png(
+    path: str | Path,
+    image: np.ndarray,
+    provenance: Provenance | None = None,
+    record: Mapping[str, Any] | None = None,
+) -> Path:
     """Write uint8 [H, W, 3] (or [H, W]) as a PNG through `utils.atomic_path`.
 
     Why: a reader (TensorBoard, a pipeline step checking its outputs, a person) never sees half
-    a file, and a crash mid-write leaves the previous sheet in place.
+    a file, and a crash mid-write leaves the previous sheet in place. With `provenance`, the PNG
+    is signed with a C2PA manifest holding `record` (sample/provenance.py).
     """
     path = Path(path)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(
             f"image must be uint8 [H, W, 3] or [H, W], got {image.dtype} {image.shape}"
         )
-    with atomic_path(path) as tmp:
+    with output_path(path, provenance, record) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
     return path

@@ -24,6 +24,8 @@ from sora_lightning.diffusion.sampling import SamplingConfig
 from sora_lightning.eval.contact_sheet import contact_sheet, write_png
 from sora_lightning.eval.reconstruction import reconstruction_metrics
 from sora_lightning.sample.generate import VideoGenerator, write_mp4
+from sora_lightning.sample.provenance import Provenance, generation_record
+from sora_lightning.sample.safety import Safety
 
 
 def validation_flow_loss(
@@ -79,13 +81,36 @@ def prompt_videos(
     prompts: list[str],
     config: SamplingConfig,
     out_dir: Path,
+    *,
+    safety: Safety | None = None,
+    provenance: Provenance | None = None,
 ) -> list[dict[str, Any]]:
-    """Each prompt to `samples/NNN.mp4` plus `samples/NNN.png`, a contact sheet of its frames."""
+    """Each prompt to `samples/NNN.mp4` plus `samples/NNN.png`, a contact sheet of its frames.
+
+    With `safety`, a refused prompt is not generated and a flagged video is withheld (its record
+    says why, no file is written); with `provenance`, both files are signed.
+    """
     records = []
     for index, prompt in enumerate(prompts):
+        refused = safety.refusal(prompt) if safety else None
+        if refused:
+            records.append({"prompt": prompt, "refused": refused})
+            continue
         video = generate(prompt, config)
-        mp4 = write_mp4(out_dir / "samples" / f"{index:03d}.mp4", video, config.fps)
-        png = write_png(out_dir / "samples" / f"{index:03d}.png", contact_sheet(video.frames))
+        review = safety.review(video) if safety else None
+        if review and review.withheld:
+            records.append(
+                {
+                    "prompt": prompt,
+                    "expanded_prompt": video.expanded_prompt,
+                    "withheld": review.withheld,
+                }
+            )
+            continue
+        record = generation_record(video, safety=review.record if review else None)
+        stem = out_dir / "samples" / f"{index:03d}"
+        mp4 = write_mp4(stem.with_suffix(".mp4"), video, config.fps, provenance, record)
+        png = write_png(stem.with_suffix(".png"), contact_sheet(video.frames), provenance, record)
         records.append(
             {
                 "prompt": prompt,
@@ -107,5 +132,7 @@ def log_to_tensorboard(out_dir: Path, scores: dict[str, Any], step: int) -> None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(f"eval/{name}", value, step)
         for index, record in enumerate(scores.get("prompts", [])):
+            if "contact_sheet" not in record:  # refused or withheld: nothing was written
+                continue
             sheet = np.asarray(Image.open(out_dir / "samples" / record["contact_sheet"]))
             writer.add_image(f"eval/prompt_{index:03d}", sheet, step, dataformats="HWC")

@@ -1,4 +1,8 @@
-"""`sora-eval`: generate the held-out prompts and score colour, shape and motion adherence."""
+"""`sora-eval`: generate the held-out prompts and score colour, shape and motion adherence.
+
+Prompt videos and contact sheets are signed (`provenance`) and screened (`safety`) like
+sora-sample's; the world benchmark's videos are scored in memory and never written.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from sora_lightning.eval.generic import (
 )
 from sora_lightning.sample.generate import load_generator
 from sora_lightning.sample.main import prompts_of
+from sora_lightning.sample.provenance import Provenance
+from sora_lightning.sample.safety import Safety
 from sora_lightning.utils import write_json_atomic
 
 PROMPT_SETS = {"held_out": eval_prompts, "seen": seen_prompts}
@@ -44,10 +50,21 @@ def run_eval(cfg: DictConfig) -> dict:
     prompt_set = cfg.get("prompt_set", "held_out")
     world_prompts = _prompts(prompt_set) if cfg.get("world", True) else []
     settings = SamplingConfig.from_config(cfg.sampling)  # rejects bad sizes before any work
+    provenance = Provenance.from_config(cfg.get("provenance"))  # a test signature, up front
+    safety = Safety.from_config(cfg.get("safety"))
+    prompts = prompts_of(cfg)
+    safety.screen(prompts)  # refused prompts are named before the model loads
     generator = load_generator(cfg.ckpt, expand_prompts=cfg.get("expand_prompt", True))
     out_dir = Path(cfg.out_dir)
     scores: dict = {"settings": {k: v for k, v in asdict(settings).items() if k != "seed"}}
-    scores.update(_generic(cfg, generator, settings, out_dir))
+    scores.update(_generic(cfg, generator))
+    if prompts:
+        scores["prompts"] = prompt_videos(
+            generator.generate, prompts, settings, out_dir, safety=safety, provenance=provenance
+        )
+    if safety.enabled:
+        scores["safety"] = safety.report()
+        print(safety.summary())
     if world_prompts:
         scores.update(_world(cfg, generator, settings, world_prompts))
         scores["prompt_set"] = prompt_set
@@ -57,8 +74,8 @@ def run_eval(cfg: DictConfig) -> dict:
     return scores
 
 
-def _generic(cfg: DictConfig, generator, settings: SamplingConfig, out_dir: Path) -> dict:
-    """The scores that need no knowledge of the data: loss, reconstruction, prompt videos."""
+def _generic(cfg: DictConfig, generator) -> dict:
+    """The scores that need no knowledge of the data: loss and reconstruction."""
     scores: dict = {}
     fraction = float(cfg.get("val_fraction", 0.0))
     if cfg.get("cache_dir"):
@@ -70,9 +87,6 @@ def _generic(cfg: DictConfig, generator, settings: SamplingConfig, out_dir: Path
             scores.update(
                 vae_reconstruction(generator, cfg.shards, fraction, cache_settings, limit)
             )
-    prompts = prompts_of(cfg)
-    if prompts:
-        scores["prompts"] = prompt_videos(generator.generate, prompts, settings, out_dir)
     return scores
 
 

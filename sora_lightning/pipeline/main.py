@@ -23,10 +23,12 @@ from sora_lightning.pipeline.ownership import RunFolder
 from sora_lightning.pipeline.runner import StepResult, config_changes, run_local, select_steps
 from sora_lightning.pipeline.steps import Step
 from sora_lightning.runlock import LOCK_NAME, hold_run_lock
+from sora_lightning.sample.provenance import Provenance
+from sora_lightning.sample.safety import SafetyConfig
 from sora_lightning.train.main import validate
 from sora_lightning.utils import write_json_atomic
 
-PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline")
+PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline", "provenance", "safety")
 
 
 def forwarded_overrides(overrides: list[str]) -> list[str]:
@@ -88,6 +90,10 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     file in the run folder that the pipeline did not write.
     """
     validate(OmegaConf.merge(cfg, {"task": "vae", "data": {"shards": "x"}}))
+    Provenance.from_config(
+        cfg.get("provenance")
+    )  # a bad key or certificate fails now, not after training
+    SafetyConfig.from_config(cfg.get("safety"))
     if cfg.launcher.name not in ("local", "slurm"):
         raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     run_dir = Path(cfg.run_dir)

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sora_lightning.data.sources import DatasetConfig
 from sora_lightning.diffusion.sampling import SamplingConfig
+from sora_lightning.sample.provenance import ProvenanceConfig
+from sora_lightning.sample.safety import SafetyConfig
 from sora_lightning.utils import file_sha256
 
 Command = Callable[[DictConfig, Path, list[str]], list[str]]
@@ -202,6 +204,7 @@ def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         *_prompt_source(cfg, run),
         _expand(cfg),
         *SamplingConfig.from_config(cfg.sampling).as_overrides(),
+        *_signing(cfg),
     ]
 
 
@@ -221,7 +224,14 @@ def _eval(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         _expand(cfg),
         *SamplingConfig.from_config(cfg.sampling).as_overrides(),
         f"num_seeds={cfg.eval.num_seeds}",
+        *_signing(cfg),
     ]
+
+
+def _signing(cfg: DictConfig) -> list[str]:
+    """The run's `provenance` and `safety` nodes, passed on so samples and eval sign and screen."""
+    provenance = ProvenanceConfig.from_config(cfg.get("provenance")).as_overrides()
+    return [*provenance, *SafetyConfig.from_config(cfg.get("safety")).as_overrides()]
 
 
 def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
@@ -269,8 +279,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "vae": (*TRAINING_KEYS, "vae_train", "checkpoint"),
     "cache": TRAINING_KEYS,
     "dit": (*TRAINING_KEYS, "dit_train", "checkpoint", "nonfinite", "data"),
-    "samples": ("samples", "sampling"),
-    "eval": ("eval", "samples", "sampling"),
+    "samples": ("samples", "sampling", "provenance", "safety"),
+    "eval": ("eval", "samples", "sampling", "provenance", "safety"),
     "export": (),
 }
 """The config keys each step's outputs depend on: a finished step whose recorded values of these

@@ -76,6 +76,7 @@ def test_bad_config_rejected_before_work() -> None:
 def test_all_yaml_files_are_covered() -> None:
     covered = {CONF_DIR / f"{n}.yaml" for n in ("train", "pipeline", "sample", "eval")}
     covered |= {CONF_DIR / g / f"{o}.yaml" for g in GROUPS for o in options(g)}
+    covered |= {CONF_DIR / g / "default.yaml" for g in ("provenance", "safety")}  # sample/eval
     assert set(Path(CONF_DIR).rglob("*.yaml")) <= covered
 
 
