@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,18 +35,28 @@ from sora_lightning.train.weights import load_vae
 log = logging.getLogger(__name__)
 
 
-def measure_matmul_flops(size: int = 512, repeats: int = 8) -> float:
-    """Achievable fp32 matmul FLOP/s on this machine now: the denominator of our MFU."""
+def measure_matmul_flops(
+    size: int = 2048, repeats: int = 3, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Achievable fp32 matmul FLOP/s on this machine now: the denominator of our MFU.
+
+    The median of a few large square matmuls; `tools/bench/dit_step.py` measures its MFU with
+    this same function, so training's `train/mfu` and the benchmark's compare.
+    """
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up
-    start = time.perf_counter()
+    torch.mm(a, b)  # warm the BLAS threads
+    times = []
     for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+        start = clock()
+        torch.mm(a, b)
+        times.append(clock() - start)
+    return 2 * size**3 / statistics.median(times)
 
 
 class ThroughputMonitor(L.Callback):
     """Logs tokens/s, samples/s, MFU (analytic FLOPs / measured peak) and the time spent waiting on data."""
+
+    time_category = "logging"  # where train/timing.py files its hooks
 
     def __init__(self, peak_flops: float | None = None) -> None:
         self.peak_flops = peak_flops
@@ -123,6 +135,8 @@ class VideoSampleLogger(L.Callback):
     Sampled by `diffusion.sampling` with the run's `sampling` config, the same solve and settings
     as `sora-sample`; prompt i uses seed `sampling.seed + i`.
     """
+
+    time_category = "previews"  # where train/timing.py files its hooks
 
     def __init__(self, prompts: list[str], *, every_n_steps: int, sampling: SamplingConfig) -> None:
         self.prompts, self.every_n_steps, self.sampling = list(prompts), every_n_steps, sampling
@@ -261,6 +275,8 @@ class ValidationLoss(L.Callback):
     same weights, so training curves and evaluations line up. Every rank computes it on the
     same batches (a sharded EMA needs every rank in its forward); rank 0 logs `val/flow_loss`.
     """
+
+    time_category = "validation"  # where train/timing.py files its hooks
 
     def __init__(self, every_n_steps: int, token_budget: int, seed: int = 0) -> None:
         if every_n_steps < 0 or token_budget < 1:

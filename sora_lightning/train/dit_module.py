@@ -10,6 +10,7 @@ rank = rank // N) and split its tokens inside the DiT (`parallel/sequence.py`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,9 @@ from sora_lightning.diffusion import flow
 from sora_lightning.models.dit import DiT, DiTConfig, SequenceSharding
 from sora_lightning.parallel.sequence import build_sequence_groups, check_sequence_parallel
 from sora_lightning.parallel.strategies import parallelize_module
+from sora_lightning.train.compile import check_strategy, compile_blocks
 from sora_lightning.train.curriculum import Curriculum, Stage
+from sora_lightning.train.timing import EMA_ACTION, LOG_ACTION
 
 
 @dataclass
@@ -72,6 +75,7 @@ class DiTModule(L.LightningModule):
         ema_decay: float = 0.999,
         meta: dict[str, Any] | None = None,
         parallel: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,12 +113,20 @@ class DiTModule(L.LightningModule):
         return self.curriculum.stages[self.curriculum.stage_at(self.global_step)[0]]
 
     def configure_model(self) -> None:
-        """Parallelism from outside the model: activation checkpointing, FSDP2 sharding (strategy config)."""
+        """Parallelism and compilation from outside the model: activation checkpointing, FSDP2
+        sharding (strategy config), then `torch.compile` per block (`dit_train.compile`)."""
         if not self._parallelized:
             parallelize_module(
                 self.dit, self.ema, self.trainer.strategy, self.hparams.parallel or {}
             )
+            if self.hparams.get("compile", False):
+                check_strategy(self.trainer.strategy)
+                compile_blocks(self.dit)  # the EMA only samples: left eager
             self._parallelized = True
+
+    def _profile(self, action: str) -> contextlib.AbstractContextManager:
+        """A profiler section of the step-time breakdown (train/timing.py), when a Trainer runs us."""
+        return self.trainer.profiler.profile(action) if self._trainer else contextlib.nullcontext()
 
     def _timesteps(self, batch: PackedBatch, generator: torch.Generator) -> Tensor:
         t = flow.sample_logit_normal(
@@ -141,7 +153,8 @@ class DiTModule(L.LightningModule):
         sequence = self._sequence_groups.get(degree)
         loss = flow.packed_batch_loss(self.dit, batch, timesteps, noise, sequence=sequence)
         # a skipped step logs its NaN: Lightning would repeat the last good value
-        self._log_step(loss, batch, degree)
+        with self._profile(LOG_ACTION):
+            self._log_step(loss, batch, degree)
         if not self._all_finite(loss):
             # counted, and acted on after K in a row, by train.guards.NonFiniteGuard
             self._step_skipped = True
@@ -185,7 +198,8 @@ class DiTModule(L.LightningModule):
         self._step_skipped = False
         super().optimizer_step(*args, **kwargs)
         if not self._step_skipped:
-            self._update_ema()
+            with self._profile(EMA_ACTION):
+                self._update_ema()
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         """A step skipped for a non-finite loss is no schedule step either: the LR schedule
@@ -196,17 +210,21 @@ class DiTModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """EMA with a warmup so early steps are not dominated by the random init."""
+        """EMA with a warmup so early steps are not dominated by the random init.
+
+        One `_foreach_lerp_` over every tensor: a Python loop of per-parameter lerps pays the
+        op dispatch once per parameter (~100 here) each step.
+        """
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        targets, sources = [], []
         for ema_param, param in zip(self.ema.parameters(), self.dit.parameters(), strict=True):
-            if hasattr(
-                param, "ds_tensor"
-            ):  # ZeRO-3: both partitioned alike, update the local shard
-                ema_param.ds_tensor.lerp_(
-                    param.ds_tensor.to(ema_param.ds_tensor.dtype), 1.0 - decay
-                )
+            if hasattr(param, "ds_tensor"):  # ZeRO-3: both partitioned alike, the local shards
+                targets.append(ema_param.ds_tensor)
+                sources.append(param.ds_tensor.to(ema_param.ds_tensor.dtype))
             else:  # plain tensors, or FSDP2 DTensors with matching placements (local lerp)
-                ema_param.lerp_(param.detach(), 1.0 - decay)
+                targets.append(ema_param)
+                sources.append(param.detach())
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         base_lr = max(s.lr for s in self.curriculum.stages)

@@ -49,9 +49,11 @@ from sora_lightning.train.checkpoint import (
     resolve_resume,
     verify_checkpoint,
 )
+from sora_lightning.train.compile import CompileMonitor
 from sora_lightning.train.dit_data import DiTDataModule
 from sora_lightning.train.dit_module import DiTModule, FlowConfig
 from sora_lightning.train.guards import guard_from_config
+from sora_lightning.train.timing import step_timing
 from sora_lightning.train.vae_module import VAEModule
 from sora_lightning.train.weights import config_to_dict, load_vae, save_module
 from sora_lightning.utils import state_dict_hash
@@ -165,17 +167,44 @@ def build_trainer(
         if cfg.task == "dit"
         else []
     )
-    callbacks = [*checkpoints, *progress, *guards, *extra_callbacks, *preemption_callbacks()]
+    profiler, timing = _step_timing(cfg, run_dir, trainer_kwargs)
+    callbacks = [
+        *checkpoints,
+        *progress,
+        *guards,
+        *extra_callbacks,
+        *timing,
+        *preemption_callbacks(),
+    ]
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="")
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
+        profiler=profiler,
         use_distributed_sampler=False,
         plugins=plugins,
         strategy=build_strategy(OmegaConf.to_container(cfg.strategy), _world_size(trainer_kwargs)),
         **trainer_kwargs,
     )
+
+
+def _step_timing(
+    cfg: DictConfig, run_dir: Path, trainer_kwargs: dict[str, Any]
+) -> tuple[Any, list[L.Callback]]:
+    """Step-time breakdown (`timing`, train/timing.py) unless `trainer.profiler` names another."""
+    if trainer_kwargs.get("profiler") is not None:
+        log.info("trainer.profiler is set: no step-time breakdown this run")
+        return trainer_kwargs.pop("profiler"), []
+    trainer_kwargs.pop("profiler", None)
+    compiled = cfg.task == "dit" and cfg.dit_train.get("compile", False)
+    compile_monitor = [CompileMonitor()] if compiled else []
+    profiler, monitor = step_timing(
+        OmegaConf.to_container(cfg.get("timing"), resolve=True) if cfg.get("timing") else None,
+        run_dir / "step_time.json",
+        extra=compile_monitor[0].summary if compiled else None,
+    )
+    return profiler, [monitor, *compile_monitor]
 
 
 def _fit(
@@ -340,6 +369,7 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ema_decay=hp.ema_decay,
         meta=meta,
         parallel=OmegaConf.to_container(cfg.strategy, resolve=True),
+        compile=bool(hp.get("compile", False)),
     )
     datamodule = DiTDataModule(
         cfg.data.cache_dir,
