@@ -98,6 +98,7 @@ BAD_SAMPLE_REASONS = (
     "invalid_utf8",
     "invalid_json",
     "truncated_tar",
+    "duplicate_key",
 )
 """Reasons `iter_shard_samples` skips a sample for."""
 
@@ -277,8 +278,12 @@ def load_samples(
 
 
 def _iter_one_shard(shard: str, stats: BadSampleCounter) -> Iterator[RawSample]:
-    """Group a shard's members by key (webdataset keeps a sample's members adjacent)."""
-    key, members = None, {}
+    """Group a shard's members by key (webdataset keeps a sample's members adjacent).
+
+    A key met again later in the shard is skipped as "duplicate_key" (the first group counts,
+    as `streaming.read_plan` keeps it too): one key, one sample, whatever a tar holds.
+    """
+    key, members, seen = None, {}, set()
     try:
         with open(shard, "rb") as handle, _decompressed(handle) as stream:
             reader = _TailReader(stream)
@@ -288,7 +293,7 @@ def _iter_one_shard(shard: str, stats: BadSampleCounter) -> Iterator[RawSample]:
                     if not info.isfile() or match is None:
                         continue
                     if match.group(1) != key:
-                        sample = None if key is None else raw_sample(key, shard, members, stats)
+                        sample = _group_sample(key, shard, members, stats, seen)
                         if sample is not None:
                             yield sample
                         key, members = match.group(1), {}
@@ -297,9 +302,22 @@ def _iter_one_shard(shard: str, stats: BadSampleCounter) -> Iterator[RawSample]:
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as error:
         stats.add_bad("truncated_tar", shard, key or "<start>", f"{type(error).__name__}: {error}")
         return
-    sample = None if key is None else raw_sample(key, shard, members, stats)
+    sample = _group_sample(key, shard, members, stats, seen)
     if sample is not None:
         yield sample
+
+
+def _group_sample(
+    key: str | None, shard: str, members: dict, stats: BadSampleCounter, seen: set[str]
+) -> RawSample | None:
+    """One finished member group as a sample, or None (no group yet, bad, or a repeated key)."""
+    if key is None:
+        return None
+    if key in seen:
+        stats.add_bad("duplicate_key", shard, key, "the key appeared earlier in this shard")
+        return None
+    seen.add(key)
+    return raw_sample(key, shard, members, stats)
 
 
 def _decompressed(handle: BinaryIO) -> BinaryIO:

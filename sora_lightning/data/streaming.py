@@ -104,12 +104,20 @@ def read_plan(
     plan: list[tuple[str, str]], *, shuffle_buffer: int, rng_seed: int
 ) -> Iterator[RawSample]:
     """Stream the planned samples with webdataset, buffer-shuffled; error if any is missing."""
-    wanted = set(plan)
+    wanted, met = set(plan), set()
+
+    def first_of_wanted(sample: dict[str, Any]) -> bool:
+        """Planned, and the key's first group in its shard (a repeat is the index's duplicate_key)."""
+        name = (sample["__url__"], sample["__key__"])
+        first = name not in met
+        met.add(name)
+        return first and name in wanted
+
     urls = list(dict.fromkeys(shard for shard, _ in plan))
     stages = [
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.select(lambda sample: (sample["__url__"], sample["__key__"]) in wanted),
+        wds.select(first_of_wanted),
         wds.map(_to_raw),
     ]
     if shuffle_buffer > 1:

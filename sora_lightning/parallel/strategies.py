@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +118,77 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
             return torch.device("cpu", self.local_rank)
         return super().root_device
 
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """A DeepSpeed folder as DeepSpeed loads it; a full checkpoint file (DDP's, or one that
+        `train.elastic` converted from another world size or strategy) read here, weights-only.
+
+        Why: ZeRO-3 partitions are fixed to the world size that wrote them, so a run resumed on
+        another one comes through a full file, and its optimizer state must not be dropped.
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        self._full_checkpoint = path.is_file()
+        if not self._full_checkpoint:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """From a full file: weights into the partitions (EMA included), then the fp32 masters and
+        the optimizer moments and step, so training goes on as if never interrupted."""
+        if not getattr(self, "_full_checkpoint", False):
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        self.model_to_device()
+        self._restore_zero_state(checkpoint, strict=strict)
+        load_full_optimizer_state(
+            self.deepspeed_engine.optimizer, self.lightning_module, checkpoint
+        )
+
+
+def load_full_optimizer_state(zero_optimizer: Any, module: nn.Module, checkpoint: dict) -> None:
+    """Scatter a full (DDP-layout) AdamW state into ZeRO-3's partitions: masters, moments, step, groups.
+
+    The full state is keyed by index; `optimizer_param_names` (written beside it) names each index,
+    so each value reaches its own parameter. Without it the mapping is unknown: refused loudly.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    names = checkpoint.get("optimizer_param_names")
+    if not names:
+        raise RuntimeError(
+            "this full checkpoint lacks optimizer_param_names, so its optimizer state cannot be "
+            "placed into ZeRO-3 partitions; resume it under strategy=ddp or fsdp2 (which load it "
+            "whole), or write it again with this version"
+        )
+    params = dict(module.named_parameters())
+    weights, state = checkpoint["state_dict"], checkpoint["optimizer_states"][0]
+    base = zero_optimizer.optimizer  # torch AdamW over this rank's flat fp32 partitions
+    if len(base.param_groups) != len(state["param_groups"]):
+        raise RuntimeError(
+            f"optimizer has {len(base.param_groups)} parameter groups, the checkpoint "
+            f"{len(state['param_groups'])}: not the same configure_optimizers"
+        )
+    # AdamW creates its state lazily at the first step; ZeRO-3 lists its flat fp32 partitions
+    # in the groups only around `step`, so they come from `fp32_partitioned_groups_flat`.
+    for sub_group, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+        saved_group = state["param_groups"][zero_optimizer.sub_group_to_group_id[sub_group]]
+        saved = [state["state"][i] for i in saved_group["params"] if i in state["state"]]
+        if saved:
+            base.state[flat] = {
+                key: value.clone() if key == "step" else torch.zeros_like(flat)
+                for key, value in saved[0].items()
+            }
+    for group_names, saved_group, group in zip(
+        names, state["param_groups"], base.param_groups, strict=True
+    ):
+        for name, index in zip(group_names, saved_group["params"], strict=True):
+            safe_set_full_fp32_param(params[name], weights[name].float())
+            for key, value in state["state"].get(index, {}).items():
+                if key != "step":
+                    safe_set_full_optimizer_state(params[name], value.float(), key)
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
 
 def disable_shm_comm() -> None:
     """Make DeepSpeed use plain gloo on CPU instead of JIT-compiling its shm op (~45 s).
@@ -209,6 +279,21 @@ def build_strategy(cfg: dict[str, Any], world_size: int | None = None) -> Strate
     return ModelParallelStrategy(
         data_parallel_size=world_size, tensor_parallel_size=1, process_group_backend=backend
     )
+
+
+def strategy_name(strategy: Strategy | str) -> str:
+    """The `conf/strategy` name a Lightning strategy was built from (recorded in checkpoints).
+
+    Why: a checkpoint's format follows from it (ZeRO-3 partitions, DCP shards, or one full file),
+    and a resume under another strategy or world size has to know which it is reading.
+    """
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "deepspeed_zero3"
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp2"
+    if isinstance(strategy, DDPStrategy):
+        return "ddp"
+    return "auto"
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
@@ -307,22 +392,6 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def is_sharded_checkpoint(path: Path) -> bool:
     """A DeepSpeed checkpoint folder (`checkpoint/` + `latest`) or a torch DCP folder (`.metadata`)."""
     return path.is_dir() and ((path / "latest").is_file() or (path / ".metadata").is_file())
-
-
-def find_sharded_checkpoint(directory: str | Path) -> Path | None:
-    """Newest complete sharded checkpoint folder (ZeRO-3 or FSDP2) in `directory`, or None."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    step = re.compile(r"step=(\d+)")
-    found = [p for p in directory.glob("*.ckpt") if is_sharded_checkpoint(p)]
-    found.sort(
-        key=lambda p: (int(m.group(1)) if (m := step.search(p.name)) else -1, p.stat().st_mtime)
-    )
-    for path in reversed(found):
-        log.info("resuming from sharded checkpoint %s", path)
-        return path
-    return None
 
 
 class ShardReport(Callback):

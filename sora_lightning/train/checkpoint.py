@@ -141,6 +141,7 @@ def write_manifest(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
         "sha256": file_sha256(path),
         "step": int(checkpoint.get("global_step", -1)),
         "stage": checkpoint.get("curriculum_state"),
+        "topology": checkpoint.get("topology"),  # strategy + world size (train/elastic.py)
     }
     write_json_atomic(manifest_path(path), manifest)
     return manifest

@@ -3,8 +3,14 @@
 DiT packs come from one endless stream per curriculum stage (its epochs back to back, each a
 seeded permutation), packed by `stream_packs`: a pack may mix the end of one epoch with the start
 of the next, so no epoch ends in a part-empty pack, and still no sample is dropped or repeated.
-Pack k of a stage is a pure function of (seed, stage, k); rank r takes pack `step * world + r`.
-The batch of global step s is a pure function of (seed, s, rank), as for every step-indexed
+Pack k of a stage is a pure function of (seed, stage, k), whatever the world size: that sequence
+is the global sample stream. A global step consumes `world` consecutive packs (data-parallel
+ranks; a sequence-parallel group counts once), data rank r taking the r-th; so samples are
+counted per pack, and a step's ranks may train on different numbers of samples and tokens.
+The resumable state is the global position (`DataPosition`: packs of the stage consumed before a
+step), not a per-rank loader state: resumed with another world size, the new ranks go on from
+that position, so no pack (and no sample) of the epoch is repeated or missed. Without a resume
+the batch of global step s is a pure function of (seed, s, rank), as for every step-indexed
 module (`data.datamodule`); the curriculum stage of a batch follows from its step.
 
 Here in train rather than data because the stage of each step comes from the curriculum.
@@ -13,12 +19,18 @@ Here in train rather than data because the stage of each step comes from the cur
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -32,6 +44,20 @@ from sora_lightning.data.validation import held_out
 from sora_lightning.train.curriculum import Curriculum, Stage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the global pack stream stood at a global step: world-size-free resumable data state."""
+
+    step: int
+    """The global step (the next one to train)."""
+    packs: int
+    """Packs of that step's curriculum stage consumed before it, by all data ranks together."""
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain data for a checkpoint (`DiTDataModule.state_dict`)."""
+        return {"step": self.step, "packs": self.packs}
 
 
 class PackSequence:
@@ -92,6 +118,8 @@ class PackStepDataset(Dataset):
         self.rank, self.world_size = rank, world_size
         self.pack_window = pack_window
         self._plans: dict[int, PackSequence] = {}
+        self.resumed_at: DataPosition | None = None
+        """Set on a resume (`resume_from`); None: every step of a stage consumed `world` packs."""
 
     def __len__(self) -> int:
         return 1 << 40
@@ -157,16 +185,45 @@ class PackStepDataset(Dataset):
         degree = stage.sequence_parallel
         return self.rank // degree, max(1, self.world_size // degree)
 
+    def packs_before(self, step: int) -> int:
+        """Packs of `step`'s stage that all data ranks consumed before it (the global position).
+
+        From the resume position when `step` lies in its stage (steps since then consumed
+        `world` packs each at the current world size), else `world` per step since the stage began.
+        """
+        stage_index, in_stage = self.curriculum.stage_at(step)
+        world = self.data_rank(self.curriculum.stages[stage_index])[1]
+        anchor = self.resumed_at
+        if anchor is not None and step >= anchor.step:
+            anchor_stage, anchor_in_stage = self.curriculum.stage_at(anchor.step)
+            if anchor_stage == stage_index:
+                return anchor.packs + (in_stage - anchor_in_stage) * world
+        return in_stage * world
+
+    def position(self, step: int) -> DataPosition:
+        """The resumable data state at global `step`: what a checkpoint written there records."""
+        return DataPosition(step, self.packs_before(step))
+
+    def resume_from(self, position: DataPosition) -> None:
+        """Continue the global stream at `position`, whatever world size consumed it so far."""
+        self.resumed_at = position
+
+    def pack_index(self, step: int) -> tuple[int, int]:
+        """(stage index, index in the stage's global pack sequence) this rank trains on at `step`."""
+        stage_index, _ = self.curriculum.stage_at(step)
+        rank, _ = self.data_rank(self.curriculum.stages[stage_index])
+        return stage_index, self.packs_before(step) + rank
+
     def pack_for(self, step: int) -> tuple[Stage, list[tuple[int, int]]]:
         """The (sample, frames) list this rank trains on at global `step`."""
-        stage_index, in_stage = self.curriculum.stage_at(step)
-        rank, world = self.data_rank(self.curriculum.stages[stage_index])
-        packs = self._packs(stage_index)
-        return self.curriculum.stages[stage_index], packs[in_stage * world + rank]
+        stage_index, index = self.pack_index(step)
+        return self.curriculum.stages[stage_index], self._packs(stage_index)[index]
 
     def __getitem__(self, step: int) -> PackedBatch:
         stage, items = self.pack_for(step)
-        rng = step_rng(self.seed, step, self.data_rank(stage)[0], 3)
+        # Keyed by the pack, not (step, rank): a pack gets the same captions and conditioning
+        # frames at any world size, so a resume with other ranks trains on the same batches.
+        rng = step_rng(self.seed, *self.pack_index(step), 3)
         latents, texts, cond = [], [], []
         for index, frames in items:
             sample = self.samples[index]
@@ -184,6 +241,8 @@ class PackStepDataset(Dataset):
             return self.null_text.float()
         kinds = [k for k in self.caption_probs if k in sample.texts] or sorted(sample.texts)
         weights = np.array([self.caption_probs.get(k, 1.0) for k in kinds], dtype=np.float64)
+        if weights.sum() <= 0:  # only forms weighted 0 (a clip the captioner skipped): any of them
+            weights = np.ones_like(weights)
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         return sample.texts[kind].float()
 
@@ -248,3 +307,65 @@ class DiTDataModule(StepDataModule):
             **self.kwargs,
         )
         log.info("DiT data: %d cached samples from %s", len(samples), self.cache_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global stream position at the trainer's step (saved in every checkpoint).
+
+        World-size-free: a run resumed with other ranks (or another strategy) goes on from it.
+        """
+        if self.dataset is None or self.trainer is None:
+            return {}
+        position = self.dataset.position(self.trainer.global_step)
+        return {**position.to_dict(), "world_size": self._rank_world()[1]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning calls this after `setup` on a resume: continue the stream where it stood."""
+        if not state_dict or self.dataset is None:
+            return
+        position = DataPosition(int(state_dict["step"]), int(state_dict["packs"]))
+        self.dataset.resume_from(position)
+        saved_world, world = state_dict.get("world_size"), self._rank_world()[1]
+        if saved_world is not None and int(saved_world) != world:
+            log.warning(
+                "DiT data: checkpoint written by %s ranks, resumed by %d: the global stream goes "
+                "on at step %d after %d packs of the stage",
+                saved_world,
+                world,
+                position.step,
+                position.packs,
+            )
+
+
+class DataLedger(Callback):
+    """Appends what each rank trains on to `<directory>/rank{r}.jsonl`, one line per step.
+
+    Why: the evidence that a resume, on any world size or strategy, neither repeats nor skips a
+    pack; the elastic-resume tests count samples from it. Each line holds the step, world size,
+    stage, global pack index, the pack's sample keys and frames, and the frames of the batch the
+    loader really delivered (they must agree). Off by default: `+dit_train.data_ledger=true`.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Before the step: the global step is the one this batch trains."""
+        dataset = trainer.datamodule.dataset
+        step = trainer.global_step
+        stage, index = dataset.pack_index(step)
+        items = dataset.pack_for(step)[1]
+        record = {
+            "step": step,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "stage": stage,
+            "pack": index,
+            "samples": [dataset.samples[i].key for i, _ in items],
+            "frames": [frames for _, frames in items],
+            "batch_frames": [int(shape[1]) for shape in batch.latent_shapes],
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as ledger:
+            ledger.write(json.dumps(record) + "\n")

@@ -185,7 +185,9 @@ class NonFiniteGuard(L.Callback):
         The schedule comes back too: it counts applied updates, and the rolled-back ones are undone.
         """
         checkpoint = trainer.strategy.load_checkpoint(path)
-        trainer.strategy.load_model_state_dict(checkpoint, strict=True)
+        # a LoRA run's checkpoints hold its adapters only (the frozen base is not in them)
+        strict = trainer.lightning_module.strict_loading
+        trainer.strategy.load_model_state_dict(checkpoint, strict=strict)
         trainer.strategy.load_optimizer_state_dict(checkpoint)
         states = checkpoint.get("lr_schedulers", [])
         for config, state in zip(trainer.lr_scheduler_configs, states, strict=True):

@@ -250,7 +250,25 @@ def hostile_shard(path: Path, media: bytes) -> dict[str, int]:
         add_member(tar, "nojson.mp4", media)
         add_member(tar, "badjson.mp4", media)
         add_member(tar, "badjson.json", b"\xff\xfe{")
-    return {"written": 6, "missing_media": 2, "missing_json": 1, "invalid_utf8": 1}
+    return {
+        "written": 5,  # the second "dup" group is skipped: one key, one sample
+        "missing_media": 2,
+        "missing_json": 1,
+        "invalid_utf8": 1,
+        "duplicate_key": 1,
+    }
+
+
+def lying_size_shard(path: Path, media: bytes, declared: int) -> None:
+    """A tar whose first member's header declares `declared` bytes for `len(media)` of data."""
+    with tarfile.open(path, "w") as tar:
+        add_member(tar, "first.mp4", media)
+        add_member(tar, "first.json", json.dumps({"caption": "a clip"}).encode())
+    data = bytearray(path.read_bytes())
+    data[124:136] = f"{declared:011o}\0".encode()  # the header's size field
+    data[148:156] = b" " * 8  # checksum computed with its own field as spaces
+    data[148:156] = f"{sum(data[:512]):06o}\0 ".encode()
+    path.write_bytes(bytes(data))
 
 
 def test_hostile_shards_are_read_in_place(real_media: Path, tmp_path: Path) -> None:
@@ -261,6 +279,10 @@ def test_hostile_shards_are_read_in_place(real_media: Path, tmp_path: Path) -> N
     whole = (shards / "a.tar").read_bytes()
     (shards / "b.tar").write_bytes(whole[: len(whole) // 2])  # cut mid-member
     (shards / "c.tar").write_bytes(b"not a tar at all" * 64)
+    lying_size_shard(
+        shards / "d.tar", media, declared=len(media) // 2
+    )  # member larger than declared
+    lying_size_shard(shards / "e.tar", media, declared=len(media) * 4)  # smaller than declared
     out = tmp_path / "index"
     before = snapshot(tmp_path, skip=out)
     summary = index_shards(str(shards / "*.tar"), out)
@@ -269,7 +291,7 @@ def test_hostile_shards_are_read_in_place(real_media: Path, tmp_path: Path) -> N
     assert not (tmp_path.parent / "escape.mp4").exists() and not Path("/abs/path").exists()
     skipped = summary["skipped"]
     assert summary["written"] >= expected["written"]
-    for reason in ("missing_media", "missing_json", "invalid_utf8"):
+    for reason in ("missing_media", "missing_json", "invalid_utf8", "duplicate_key"):
         assert skipped.get(reason, 0) >= expected[reason], skipped
-    assert skipped.get("truncated_tar", 0) >= 2, skipped
+    assert skipped.get("truncated_tar", 0) >= 4, skipped  # b.tar, c.tar, d.tar, e.tar
     print(f"hostile shards: {summary['written']} written, {json.dumps(skipped, sort_keys=True)}")

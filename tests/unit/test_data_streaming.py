@@ -13,6 +13,7 @@ from sora_lightning.data.streaming import (
     StreamingStepDataset,
     build_index,
     per_slot,
+    read_plan,
     slot_plan,
 )
 
@@ -120,3 +121,20 @@ def test_bad_samples_are_counted_by_the_index_and_never_streamed(tmp_path: Path)
     assert "zero-000000.tar: empty" in stats.describe()
     streamed = {key for _, _, keys in stream(index, batch_size=1, num_steps=12) for key in keys}
     assert "empty" not in streamed and streamed <= {f"s{i:03d}" for i in range(8)}
+
+
+def test_a_repeated_key_is_one_sample_in_the_index_and_the_stream(tmp_path: Path) -> None:
+    samples = [
+        {"__key__": key, "mp4": key.encode(), "json": {"caption": f"{key} {n}"}}
+        for n, key in enumerate(["a", "b", "a", "c", "a"])
+    ]
+    shards = [str(p) for p in write_shards(samples, tmp_path, prefix="dup")]
+    stats = BadSampleCounter()
+    index = build_index(shards, stats)
+    assert stats.counts == {"duplicate_key": 2}
+    assert index.num_samples == 3
+    plan = slot_plan(index, seed=0, epoch=0, slot=0, num_slots=1)
+    streamed = list(read_plan(plan, shuffle_buffer=0, rng_seed=0))
+    assert sorted(s.key for s in streamed) == ["a", "b", "c"]
+    first = next(s for s in streamed if s.key == "a")
+    assert first.meta["caption"] == "a 0"  # the first group, as the index read it
