@@ -22,6 +22,7 @@ import webdataset as wds
 from torch import Tensor
 from tqdm import tqdm
 
+from sora_lightning.data.captioning import AddedCaptions, add_caption
 from sora_lightning.data.clips import to_model_range, valid_length
 from sora_lightning.data.decode import MediaError, decode_video
 from sora_lightning.data.parts import PartRecord, check_parts, read_part_records, select_part
@@ -57,6 +58,9 @@ class CacheSettings:
     """How frames are fitted: FFmpeg's bilinear scale while converting from YUV, as the VAE
     loaders do (`clips.decode_fitted`), so the DiT sees latents of the pixels the VAE was
     trained on. Caches made before this field (torch area resize) get another key."""
+    captions: str = ""
+    """Source hash of the captions added by a VLM (`captioning.AddedCaptions.source`: captioner
+    weights, instruction, frames, size); empty when none, which leaves older keys unchanged."""
 
     def __post_init__(self) -> None:
         if self.max_area < self.multiple**2 or self.max_frames < 1:
@@ -78,7 +82,10 @@ class CachedSample:
 
 def cache_key(vae_hash: str, text_hash: str, settings: CacheSettings) -> str:
     """The key a cache must carry for a given VAE, text encoder and preprocessing."""
-    return combined_hash(vae_hash, text_hash, json.dumps(asdict(settings), sort_keys=True))
+    fields = asdict(settings)
+    if not fields["captions"]:  # no added captions: the key of caches made before the field
+        del fields["captions"]
+    return combined_hash(vae_hash, text_hash, json.dumps(fields, sort_keys=True))
 
 
 def _text_states(encoder: TextEncoder, texts: list[str]) -> list[Tensor]:
@@ -182,6 +189,7 @@ def _encode_shard(
     settings: CacheSettings,
     stats: BadSampleCounter,
     max_count: int,
+    added: AddedCaptions | None = None,
 ) -> dict:
     """Cache one input shard into its own `latents-{index:06d}-*.tar` files; returns its partial.
 
@@ -191,6 +199,7 @@ def _encode_shard(
     vae, encoder = models
     sink = _ShardSink(str(out / f"latents-{index:06d}-%06d.tar"), max_count)
     pending: list[_Encoded] = []
+    recaptions = added.for_shard(shard) if added is not None else {}
     try:
         for sample in iter_shard_samples([str(shard)], stats=stats):
             try:
@@ -199,6 +208,8 @@ def _encode_shard(
                 reason = getattr(error, "reason", type(error).__name__)
                 stats.add_bad(reason, sample.shard, sample.key, str(error))
                 continue
+            if sample.key in recaptions:
+                _add_recaption(pending[-1], added, recaptions[sample.key], sample.shard)
             if len(pending) >= TEXT_BATCH:
                 sink.write(pending, encoder)
                 pending = []
@@ -217,6 +228,12 @@ def _encode_shard(
         "sums": sink.sums.tolist() if sink.sums is not None else None,
         "sq_sums": sink.sq_sums.tolist() if sink.sq_sums is not None else None,
     }
+
+
+def _add_recaption(item: _Encoded, added: AddedCaptions, text: str, shard: str) -> None:
+    """A VLM caption joins the sample's captions (its text states get cached with the others)."""
+    item.captions = add_caption(item.captions, added.field, text, f"{shard}: {item.key}")
+    item.meta["captions"] = item.captions
 
 
 def _combine(partials: list[dict], skipped: dict[str, int], identity: dict) -> dict:
@@ -272,13 +289,14 @@ def _encode_shards(
     encoder: TextEncoder,
     settings: CacheSettings,
     max_count: int,
+    added: AddedCaptions | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """Partials of the given (index, shard) pairs and the skip counts of their samples."""
     out.mkdir(parents=True, exist_ok=True)
     vae.eval()
     stats = BadSampleCounter()
     partials = [
-        _encode_shard(index, shard, out, (vae, encoder), settings, stats, max_count)
+        _encode_shard(index, shard, out, (vae, encoder), settings, stats, max_count, added)
         for index, shard in tqdm(indexed, desc="cache latents", unit="shard")
     ]
     return partials, dict(stats.counts)
@@ -292,12 +310,18 @@ def write_cache(
     settings: CacheSettings,
     *,
     max_count: int = 2000,
+    added: AddedCaptions | None = None,
 ) -> dict:
-    """Encode every readable sample of `shards` into a cache at `out_dir`; returns its meta."""
+    """Encode every readable sample of `shards` into a cache at `out_dir`; returns its meta.
+
+    `added`: VLM captions (`captioning`) joined to each sample's own; `settings.captions` must
+    name their source so the key covers them.
+    """
     out = Path(out_dir)
     shards = list(shards)
+    _check_added(added, settings)
     partials, skipped = _encode_shards(
-        list(enumerate(shards)), out, vae, encoder, settings, max_count
+        list(enumerate(shards)), out, vae, encoder, settings, max_count, added
     )
     meta = _combine(partials, skipped, _identity(vae, encoder, settings))
     _write_null_text(out, encoder)
@@ -315,13 +339,15 @@ def write_cache_part(
     num_parts: int,
     part: int,
     max_count: int = 2000,
+    added: AddedCaptions | None = None,
 ) -> dict:
     """One array task: cache the input shards i with i % num_parts == part (`parts.py`);
     `merge_cache_parts` then writes the meta.json `write_cache` would have written for `shards`."""
     out = Path(out_dir)
     shards = list(shards)
     mine = select_part(list(enumerate(shards)), num_parts, part)
-    partials, skipped = _encode_shards(mine, out, vae, encoder, settings, max_count)
+    _check_added(added, settings)
+    partials, skipped = _encode_shards(mine, out, vae, encoder, settings, max_count, added)
     if part == 0:
         _write_null_text(out, encoder)
     record = {
@@ -334,6 +360,16 @@ def write_cache_part(
     }
     write_json_atomic(out / PART_META.format(part=part), record)
     return record
+
+
+def _check_added(added: AddedCaptions | None, settings: CacheSettings) -> None:
+    """A cache whose key did not cover its added captions could be reused for other captions."""
+    source = added.source if added is not None else ""
+    if source != settings.captions:
+        raise ValueError(
+            f"cache settings name captions {settings.captions!r} but the added captions are "
+            f"{source!r}; build the settings with train.cache.cache_settings"
+        )
 
 
 def merge_cache_parts(out_dir: str | Path) -> dict:
@@ -430,6 +466,18 @@ def held_out_captions(cache_dir: str | Path, val_fraction: float, count: int) ->
     held = [caption for key, caption in pairs if is_held_out(key, val_fraction)]
     rest = [caption for key, caption in pairs if not is_held_out(key, val_fraction)]
     return list(dict.fromkeys(held + rest))[:count]
+
+
+def training_captions(cache_dir: str | Path, val_fraction: float, count: int) -> list[str]:
+    """Up to `count` distinct captions of training samples (never held-out ones), by key.
+
+    Why: examples of the data's caption style (the `llm` prompt expander) that never show it a
+    held-out caption, since those are the prompts evaluation samples.
+    """
+    meta = read_cache_meta(cache_dir)
+    pairs = sorted(_iter_cache_captions(Path(cache_dir), meta["shards"]))
+    kept = [caption for key, caption in pairs if not is_held_out(key, val_fraction)]
+    return list(dict.fromkeys(kept))[:count]
 
 
 def latent_stats(meta: dict) -> tuple[Tensor, Tensor]:

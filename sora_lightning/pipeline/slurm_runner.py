@@ -5,10 +5,11 @@ runs (`Step.command`), wrapped by `python -m sora_lightning.pipeline.slurm_runne
 writes the step's output manifest. A job depends on the jobs of its inputs; a failed job's
 dependents are cancelled by SLURM (`--kill-on-invalid-dep=yes`) and reported as blocked. The
 training steps (vae, dit) get launcher.nodes x launcher.tasks_per_node ranks under srun; the
-others one task. The sharded steps (writing shards, caching latents) run as a job array of
-launcher.array_parts one-task jobs (`sbatch --array`, each task's part from $SLURM_ARRAY_TASK_ID)
-and a merge job that depends on the whole array and writes the dataset-wide files (the shard
-summary, the cache's meta.json) and the manifest. A failed array task is reported with its own
+others one task. The sharded steps (writing shards, captioning, caching latents) run as a job
+array of launcher.array_parts one-task jobs (`sbatch --array`, each task's part from
+$SLURM_ARRAY_TASK_ID; a caption task gets one GPU) and a merge job that depends on the whole array
+and writes the dataset-wide files (the shard summary, the captions' and the cache's meta.json) and
+the manifest. A failed array task is reported with its own
 logs. Plain sbatch scripts rather than submitit pickles: each job is a command line, and the
 scripts stay in run_dir/slurm/ for inspection and manual re-submission.
 """
@@ -40,6 +41,8 @@ from sora_lightning.pipeline.runner import (
 from sora_lightning.pipeline.steps import STEPS, Step, steps_for
 
 TRAINING_STEPS = ("vae", "dit")
+ONE_GPU_STEPS = ("caption",)
+"""Steps whose every job (or array task) but the merge runs one model on one GPU."""
 FINAL_STATES = (
     "COMPLETED",
     "FAILED",
@@ -117,6 +120,8 @@ def batch_script(job: StepJob, run_dir: Path, launcher: SlurmLauncherConfig) -> 
         lines.append(f"#SBATCH --partition={launcher.partition}")
     if training and launcher.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={launcher.gpus_per_node}")
+    if step.name in ONE_GPU_STEPS and job.kind != "merge" and launcher.gpus_per_node:
+        lines.append("#SBATCH --gpus-per-node=1")
     for key in ("account", "qos"):
         if getattr(launcher, key):
             lines.append(f"#SBATCH --{key}={getattr(launcher, key)}")

@@ -3,8 +3,9 @@
 Why: a generated video travels without its run folder. A C2PA manifest embedded in the file
 states that it is AI-generated (a `c2pa.created` action with the IPTC digital source type
 trainedAlgorithmicMedia), which software made it, and with what (the `org.sora_lightning.generation`
-assertion: prompt, expanded prompt, seed, model hash, sampling options, safety checks), and a
-signature over the file's bytes lets anyone check that none of it changed (`sora-verify FILE`).
+assertion: prompt, expanded prompt and what expanded it, seed, model hash, sampling options,
+safety checks), and a signature over the file's bytes lets anyone check that none of it changed
+(`sora-verify FILE`).
 
 The key and certificate chain come from config (`provenance.cert`, `provenance.key`); with none,
 outputs are written unsigned and the run says so once. Signing needs no network: no timestamp
@@ -116,6 +117,7 @@ def generation_record(video: Any, safety: Mapping[str, Any] | None = None) -> di
     return {
         "prompt": video.prompt,
         "expanded_prompt": video.expanded_prompt,
+        "prompt_expander": dict(video.prompt_expander),
         "seed": video.seed,
         "model_hash": video.model_hash,
         "options": dict(video.options),
