@@ -110,7 +110,7 @@ def pack_samples(
     grids = [token_grid(tuple(latent.shape[1:]), patch_size) for latent in latents]
     x = torch.cat(tokens)  # L P
     cond, cond_mask = None, None
-    if cond_frames is not None:
+    if cond_frames is not None and any(cond_frames):  # none drawn: as a model without the channel
         cond_mask = _cond_mask(grids, patch_size, cond_frames).to(x.device)  # L
         cond = x * cond_mask[:, None].to(x.dtype)  # L P
     return PackedBatch(

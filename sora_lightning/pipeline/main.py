@@ -21,14 +21,14 @@ from sora_lightning.config import CONFIG_PATH
 from sora_lightning.eval.evaluate import headline
 from sora_lightning.pipeline.ownership import RunFolder
 from sora_lightning.pipeline.runner import StepResult, config_changes, run_local, select_steps
-from sora_lightning.pipeline.steps import Step
+from sora_lightning.pipeline.steps import Step, check_pretrained, hydra_value, prompt_expander
 from sora_lightning.runlock import LOCK_NAME, hold_run_lock
 from sora_lightning.sample.provenance import Provenance
 from sora_lightning.sample.safety import SafetyConfig
 from sora_lightning.train.main import validate
 from sora_lightning.utils import write_json_atomic
 
-PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline", "provenance", "safety")
+PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline", "provenance", "safety", "caption")
 
 
 def forwarded_overrides(overrides: list[str]) -> list[str]:
@@ -89,11 +89,13 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     input that does not exist, another pipeline already running in the run folder (`runlock`), a
     file in the run folder that the pipeline did not write.
     """
+    check_pretrained(cfg)  # model.pretrained=EXPORT lacking a file is named now, with the fix
     validate(OmegaConf.merge(cfg, {"task": "vae", "data": {"shards": "x"}}))
     Provenance.from_config(
         cfg.get("provenance")
     )  # a bad key or certificate fails now, not after training
     SafetyConfig.from_config(cfg.get("safety"))
+    prompt_expander(cfg, Path(cfg.run_dir))  # prompt_expander=llm without a model fails now
     if cfg.launcher.name not in ("local", "slurm"):
         raise ValueError(f"launcher={cfg.launcher.name!r} is not one of local, slurm")
     run_dir = Path(cfg.run_dir)
@@ -127,10 +129,22 @@ def _run_locked(
     return summarize(results, run_dir)
 
 
+def search_path_overrides() -> list[str]:
+    """The user's config folders (`hydra.searchpath=[...]`, `--config-dir DIR`) as an override
+    for the steps: they compose the same groups, so e.g. a curriculum of one's own must be found
+    there too, and Hydra keeps both out of `overrides.task`."""
+    hydra_cfg = HydraConfig.get()
+    paths = [str(path) for path in hydra_cfg.searchpath]
+    for source in hydra_cfg.runtime.config_sources:
+        if source.provider == "command-line" and source.path:  # --config-dir
+            paths.append(f"{source.schema}://{source.path}")
+    return [f"hydra.searchpath=[{','.join(hydra_value(p) for p in paths)}]"] if paths else []
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Console entry point; exits non-zero when a step failed."""
-    summary = run_pipeline(cfg, list(HydraConfig.get().overrides.task))
+    summary = run_pipeline(cfg, [*HydraConfig.get().overrides.task, *search_path_overrides()])
     if any(s["status"] in ("failed", "blocked") for s in summary["steps"]):
         sys.exit(1)
 

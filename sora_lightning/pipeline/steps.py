@@ -9,6 +9,7 @@ runner uses that, and the merged outputs equal the single command's.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Callable
@@ -17,10 +18,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sora_lightning.data.captioning import CaptionConfig
 from sora_lightning.data.sources import DatasetConfig
 from sora_lightning.diffusion.sampling import SamplingConfig
+from sora_lightning.models.text import TextEncoderConfig
+from sora_lightning.sample.expand import ExpanderConfig
 from sora_lightning.sample.provenance import ProvenanceConfig
 from sora_lightning.sample.safety import SafetyConfig
+from sora_lightning.train.weights import read_module_meta
 from sora_lightning.utils import file_sha256
 
 Command = Callable[[DictConfig, Path, list[str]], list[str]]
@@ -96,10 +101,93 @@ def shard_spec(cfg: DictConfig, run: Path) -> str:
     return str(absolute(dataset.path))
 
 
+EXPORT_FILES = ("dit.json", "dit.safetensors", "vae.json", "vae.safetensors")
+"""What `model.pretrained=EXPORT` must hold: the DiT it starts from and the VAE it was trained on."""
+
+
+def pretrained_export(cfg: DictConfig) -> Path | None:
+    """`model.pretrained`: the export the DiT fine-tunes from (absolute), or None."""
+    value = (cfg.get("model") or {}).get("pretrained")
+    return absolute(value) if value else None
+
+
+def pretrained_vae(cfg: DictConfig) -> Path | None:
+    """The VAE folder that replaces the vae step: `vae.pretrained`, else the `model.pretrained`
+    export's own VAE (a DiT is fine-tuned on the latents of the VAE it learned); None: the run
+    trains one. The one rule for skipping the vae step and for every later step's VAE."""
+    value = (cfg.get("vae") or {}).get("pretrained")
+    return absolute(value) if value else pretrained_export(cfg)
+
+
 def vae_dir(cfg: DictConfig, run: Path) -> Path:
-    """The VAE every later step uses: `vae.pretrained`, else the one this run trains."""
-    pretrained = cfg.get("vae", {}).get("pretrained")
-    return absolute(pretrained) if pretrained else run / "vae"
+    """The VAE every later step uses: `pretrained_vae`, else the one this run trains."""
+    return pretrained_vae(cfg) or run / "vae"
+
+
+def _override_value(value: object) -> str:
+    """A JSON-like value (meta.text's fields) as a Hydra override value."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return f"[{','.join(_override_value(v) for v in value)}]"
+    return hydra_value(value)
+
+
+def export_text(export: Path) -> dict[str, object]:
+    """The text encoder an export's DiT was trained with (dit.json's meta.text), its folder the
+    export's own text_encoder/ when it carries one (an export may be moved after import)."""
+    meta = read_module_meta(export, "dit").get("meta") or {}
+    fields = {f.name for f in dataclasses.fields(TextEncoderConfig)}
+    text = {k: v for k, v in (meta.get("text") or {}).items() if k in fields}
+    if (export / "text_encoder").is_dir():
+        text["path"] = str(export / "text_encoder")
+    return text
+
+
+def text_overrides(cfg: DictConfig) -> list[str]:
+    """`model.pretrained`: `model.text` set to the export's text encoder, so the cache and dit
+    steps encode captions as the DiT learned them (`++`: not every preset has every field)."""
+    export = pretrained_export(cfg)
+    if export is None:
+        return []
+    return [f"++model.text.{k}={_override_value(v)}" for k, v in export_text(export).items()]
+
+
+def check_pretrained(cfg: DictConfig) -> None:
+    """Refuse a `model.pretrained` export that lacks a file the steps read, naming it and the fix
+    (before any step runs, not hours later in the dit step)."""
+    export = pretrained_export(cfg)
+    if export is None:
+        return
+    fix = (
+        f"import one with `python tools/import_weights.py --diffusers WAN_DIFFUSERS_DIR --output "
+        f"{export}`, or point model.pretrained at a run's export/ folder"
+    )
+    missing = [name for name in EXPORT_FILES if not (export / name).is_file()]
+    if missing:
+        raise ValueError(f"model.pretrained={export} lacks {missing}: {fix}")
+    vae = pretrained_vae(cfg)
+    if vae != export:
+        raise ValueError(
+            f"model.pretrained={export} carries its VAE, but vae.pretrained={vae} names another: "
+            "the DiT must train on the latents of its own VAE; drop vae.pretrained"
+        )
+    path = export_text(export).get("path")
+    folder = Path(str(path)) if path else None
+    if folder is not None and not _is_text_encoder(folder):
+        raise ValueError(
+            f"model.pretrained={export}: its text encoder {folder} (dit.json meta.text.path) holds "
+            f"no config.json (nor text_encoder/config.json and tokenizer/): {fix}, without "
+            "--reference-text-encoder so the export carries the encoder"
+        )
+
+
+def _is_text_encoder(folder: Path) -> bool:
+    """A model folder, or a diffusers pipeline folder holding text_encoder/ and tokenizer/."""
+    nested = (folder / "text_encoder" / "config.json").is_file() and (folder / "tokenizer").is_dir()
+    return (folder / "config.json").is_file() or nested
 
 
 def cache_dir(cfg: DictConfig, run: Path) -> Path:
@@ -138,6 +226,32 @@ def _shards_merge(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     return [*PY, "sora_lightning.data.ingest", "--merge-summaries", "--output", str(run / "shards")]
 
 
+def caption_config(cfg: DictConfig) -> CaptionConfig:
+    """The typed `caption` node (recaptioning off when the config has none)."""
+    return CaptionConfig.from_config(cfg.get("caption"))
+
+
+def _captions_dir(cfg: DictConfig, run: Path) -> list[str]:
+    """The cache and dit steps read the caption step's captions (their cache key covers them)."""
+    if not caption_config(cfg).enabled:
+        return []
+    return [f"data.captions_dir={hydra_value(run / 'caption')}"]
+
+
+def _caption(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    """The VLM captions every shard into RUN/caption (sidecar files: shards stay untouched)."""
+    out = ["--shards", shard_spec(cfg, run), "--output", str(run / "caption")]
+    return [*PY, "sora_lightning.data.captioning", *out, *caption_config(cfg).as_args()]
+
+
+def _caption_part(cfg: DictConfig, run: Path, _: list[str], num_parts: int) -> list[str]:
+    return [*_caption(cfg, run, []), "--num-parts", str(num_parts)]
+
+
+def _caption_merge(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    return [*_caption(cfg, run, []), "--merge"]
+
+
 def _train(overrides: list[str], *args: str) -> list[str]:
     return [*PY, "sora_lightning.train.main", *overrides, *args]
 
@@ -156,6 +270,8 @@ def _cache(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
         f"data.shards={hydra_value(shard_spec(cfg, run))}",
         f"data.vae_dir={hydra_value(vae_dir(cfg, run))}",
         f"data.cache_dir={hydra_value(run / 'cache')}",
+        *_captions_dir(cfg, run),
+        *text_overrides(cfg),
     )
 
 
@@ -172,8 +288,10 @@ def _dit(cfg: DictConfig, run: Path, overrides: list[str]) -> list[str]:
         overrides,
         "task=dit",
         f"run_dir={hydra_value(run / 'dit')}",
+        *_captions_dir(cfg, run),
         f"data.cache_dir={hydra_value(cache_dir(cfg, run))}",
         f"data.vae_dir={hydra_value(vae_dir(cfg, run))}",
+        *text_overrides(cfg),
     )
 
 
@@ -189,9 +307,25 @@ def _prompt_source(cfg: DictConfig, run: Path) -> list[str]:
     ]
 
 
-def _expand(cfg: DictConfig) -> str:
-    """The world's prompt expander rewrites only the world's grammar: off for other data."""
-    return f"expand_prompt={str(dataset_config(cfg).name == 'world').lower()}"
+def prompt_expander(cfg: DictConfig, run: Path) -> ExpanderConfig:
+    """The samples and eval steps' prompt expander: `prompt_expander` as chosen; unset, the
+    world's rules for dataset=world and none for other data (the world's grammar means nothing to
+    their captions). An llm expander given no examples is shown the run's own training captions."""
+    node = cfg.get("prompt_expander")
+    if node is None:
+        return ExpanderConfig(name="world" if dataset_config(cfg).name == "world" else "none")
+    config = ExpanderConfig.from_config(OmegaConf.to_container(node, resolve=True))
+    if config.name == "llm" and not config.examples and not config.examples_from_cache:
+        fraction = dataset_config(cfg).val_fraction
+        config = replace(
+            config, examples_from_cache=str(cache_dir(cfg, run)), val_fraction=fraction
+        )
+    return config
+
+
+def _expand(cfg: DictConfig, run: Path) -> list[str]:
+    """`prompt_expander` as overrides for sora-sample and sora-eval (one rule for both steps)."""
+    return prompt_expander(cfg, run).as_overrides()
 
 
 def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
@@ -202,7 +336,7 @@ def _samples(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         f"ckpt={hydra_value(run / 'dit' / 'final')}",
         f"out_dir={hydra_value(run / 'samples')}",
         *_prompt_source(cfg, run),
-        _expand(cfg),
+        *_expand(cfg, run),
         *SamplingConfig.from_config(cfg.sampling).as_overrides(),
         *_signing(cfg),
     ]
@@ -221,7 +355,7 @@ def _eval(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         f"val_fraction={dataset.val_fraction}",
         f"world={str(dataset.name == 'world').lower()}",
         *_prompt_source(cfg, run),
-        _expand(cfg),
+        *_expand(cfg, run),
         *SamplingConfig.from_config(cfg.sampling).as_overrides(),
         f"num_seeds={cfg.eval.num_seeds}",
         *_signing(cfg),
@@ -256,6 +390,14 @@ STEPS: tuple[Step, ...] = (
         _shards_part,
         _shards_merge,
     ),
+    Step(
+        "caption",
+        ("shards",),
+        ("caption/meta.json", "caption/*.jsonl"),
+        _caption,
+        _caption_part,
+        _caption_merge,
+    ),
     Step("vae", ("shards",), ("vae/vae.safetensors", "vae/vae.json"), _vae),
     Step(
         "cache",
@@ -271,16 +413,19 @@ STEPS: tuple[Step, ...] = (
     Step("export", ("dit", "vae"), ("export/dit.safetensors", "export/vae.safetensors"), _export),
 )
 """Every step in pipeline order, before `steps_for` fits them to a config."""
+LORA_OUTPUTS = ("dit/final/lora.safetensors", "dit/final/lora.json")
+"""A LoRA run's final/: the adapters and their base export's path (train/lora.py)."""
 
 
 TRAINING_KEYS = ("dataset", "model", "vae", "cache", "curriculum", "seed", "trainer", "strategy")
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "shards": ("dataset",),
     "vae": (*TRAINING_KEYS, "vae_train", "checkpoint"),
-    "cache": TRAINING_KEYS,
-    "dit": (*TRAINING_KEYS, "dit_train", "checkpoint", "nonfinite", "data"),
-    "samples": ("samples", "sampling", "provenance", "safety"),
-    "eval": ("eval", "samples", "sampling", "provenance", "safety"),
+    "caption": ("dataset", "caption"),
+    "cache": (*TRAINING_KEYS, "caption"),
+    "dit": (*TRAINING_KEYS, "dit_train", "checkpoint", "nonfinite", "data", "caption", "lora"),
+    "samples": ("samples", "sampling", "provenance", "safety", "prompt_expander"),
+    "eval": ("eval", "samples", "sampling", "provenance", "safety", "prompt_expander"),
     "export": (),
 }
 """The config keys each step's outputs depend on: a finished step whose recorded values of these
@@ -300,16 +445,21 @@ def steps_for(cfg: DictConfig | None) -> tuple[Step, ...]:
     """The steps as this config runs them.
 
     `dataset=shards` reads existing shards in place, so its shards step writes only the index;
-    `vae.pretrained=DIR` drops the vae step (later steps read DIR instead); `cache.reuse=DIR`
-    makes the cache step only check DIR's key.
+    `vae.pretrained=DIR` or `model.pretrained=EXPORT` drops the vae step (later steps read DIR or
+    EXPORT instead: `pretrained_vae`); `cache.reuse=DIR` makes the cache step only check DIR's key;
+    the caption step runs only with `caption.enabled`, and then the cache step waits for it;
+    `lora.rank>0` makes the dit step's final/ the adapters (sampled and exported merged).
     """
     if cfg is None:
         return STEPS
     steps = []
-    pretrained = bool(cfg.get("vae", {}).get("pretrained"))
+    pretrained = pretrained_vae(cfg) is not None
+    recaption = caption_config(cfg).enabled
     for step in STEPS:
-        if step.name == "vae" and pretrained:
+        if (step.name == "vae" and pretrained) or (step.name == "caption" and not recaption):
             continue
+        if step.name == "cache" and recaption:
+            step = replace(step, inputs=(*step.inputs, "caption"))
         if step.name == "shards" and not dataset_config(cfg).writes_shards:
             step = replace(step, outputs=("shards/summary.json",), part_command=None)
             step = replace(step, merge_command=None)
@@ -318,6 +468,8 @@ def steps_for(cfg: DictConfig | None) -> tuple[Step, ...]:
             step = replace(step, merge_command=None)
         if pretrained and "vae" in step.inputs:
             step = replace(step, inputs=tuple(i for i in step.inputs if i != "vae"))
+        if step.name == "dit" and (cfg.get("lora") or {}).get("rank"):
+            step = replace(step, outputs=LORA_OUTPUTS)
         steps.append(step)
     return tuple(steps)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sora_lightning.data.captioning import AddedCaptions
 from sora_lightning.data.latent_cache import (
     CacheSettings,
     cache_key,
@@ -33,6 +34,7 @@ from sora_lightning.models.vae import (
     is_clip_length,
     longest_clip_length,
 )
+from sora_lightning.models.wan_vae import WanVAEConfig, vae_config_from_dict
 from sora_lightning.train.weights import load_vae, read_module_meta
 from sora_lightning.utils import state_dict_hash, write_json_atomic
 
@@ -41,15 +43,14 @@ REUSED_NAME = "reused.json"
 """Written by the cache step under cache.reuse: which existing cache the run reads, and its key."""
 
 
-def vae_config_for(cfg: DictConfig) -> VAEConfig:
+def vae_config_for(cfg: DictConfig) -> VAEConfig | WanVAEConfig:
     """The VAE the cache and the DiT will use: data.vae_dir, else vae.pretrained, else model.vae."""
     directory = cfg.data.get("vae_dir") or cfg.get("vae", {}).get("pretrained")
     if directory and Path(directory, "vae.json").is_file():
         values = read_module_meta(directory, "vae")["config"]
     else:
         values = OmegaConf.to_container(cfg.model.vae, resolve=True)
-        values.pop("_target_", None)
-    return VAEConfig(**values)
+    return vae_config_from_dict(values)  # ours, or Wan's by its `kind`
 
 
 def _longest_clip(cfg: DictConfig) -> int:
@@ -79,7 +80,20 @@ def cache_settings(cfg: DictConfig, vae: VAEConfig | None = None) -> CacheSettin
             f"cache.max_frames={max_frames} does not fit the VAE ({clip_lengths_hint(factor)}): "
             f"use {low} or {low + factor}, or null for the curriculum's longest clip"
         )
-    return CacheSettings(max_area=int(cfg.cache.max_area), multiple=multiple, max_frames=max_frames)
+    added = added_captions(cfg)
+    return CacheSettings(
+        max_area=int(cfg.cache.max_area),
+        multiple=multiple,
+        max_frames=max_frames,
+        captions=added.source if added is not None else "",
+    )
+
+
+def added_captions(cfg: DictConfig) -> AddedCaptions | None:
+    """`data.captions_dir`: VLM captions (the pipeline's caption step) the cache adds to each
+    sample's own; both the cache and the DiT read it, so the key covers the captioner."""
+    directory = cfg.data.get("captions_dir")
+    return AddedCaptions.load(directory) if directory else None
 
 
 def text_encoder(cfg: DictConfig) -> TextEncoder:
@@ -128,13 +142,14 @@ def build_cache(cfg: DictConfig) -> dict[str, Any]:
     settings = cache_settings(cfg, vae.config)
     encoder = text_encoder(cfg)
     part = _part(cfg)
+    added = added_captions(cfg)
     if part is not None:
         num_parts = int(cfg.cache.num_parts)
         record = write_cache_part(
-            shards, out, vae, encoder, settings, num_parts=num_parts, part=part
+            shards, out, vae, encoder, settings, num_parts=num_parts, part=part, added=added
         )
         written = sum(p["written"] for p in record["partials"])
         return {"task": "cache", "part": part, "num_parts": num_parts, "samples": written}
-    meta = write_cache(shards, out, vae, encoder, settings)
+    meta = write_cache(shards, out, vae, encoder, settings, added=added)
     log.info("cached %d samples into %s, key %s", meta["num_samples"], out, meta["key"])
     return {"task": "cache", "samples": meta["num_samples"], "key": meta["key"]}

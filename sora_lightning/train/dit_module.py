@@ -26,6 +26,15 @@ from sora_lightning.parallel.sequence import build_sequence_groups, check_sequen
 from sora_lightning.parallel.strategies import parallelize_module
 from sora_lightning.train.compile import check_strategy, compile_blocks
 from sora_lightning.train.curriculum import Curriculum, Stage
+from sora_lightning.train.lora import (
+    EMA_CLIENT_KEY,
+    LoraSettings,
+    adapter_state,
+    apply_lora,
+    keep_adapters_only,
+    load_adapter_state,
+    load_pretrained,
+)
 from sora_lightning.train.timing import EMA_ACTION, LOG_ACTION
 
 
@@ -76,11 +85,14 @@ class DiTModule(L.LightningModule):
         meta: dict[str, Any] | None = None,
         parallel: dict[str, Any] | None = None,
         compile: bool = False,
+        pretrained: str | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.dit_config = DiTConfig(**dit)  # the config turns YAML/JSON lists into tuples
         self.dit = DiT(self.dit_config)
+        self.lora = self._init_weights(pretrained, LoraSettings.from_config(lora))
         self.ema = copy.deepcopy(self.dit).requires_grad_(False).eval()
         self.curriculum = Curriculum(**curriculum)
         if meta and meta.get("temporal_factor"):  # the VAE the latents come from
@@ -90,12 +102,54 @@ class DiTModule(L.LightningModule):
         self._parallelized = False
         self._sequence_groups: dict[int, SequenceSharding] = {}
 
+    def _init_weights(self, pretrained: str | None, lora: LoraSettings) -> LoraSettings:
+        """Base weights from `model.pretrained`, then peft adapters (train/lora.py).
+
+        Here, not in `configure_model`: under ZeRO-3 that hook runs inside `deepspeed.zero.Init`,
+        which would partition peft's new Linears as they are built, so peft's init (lora_B = 0)
+        would write into empty shards. Checkpoints of a LoRA run then hold adapters only.
+        """
+        if pretrained:
+            load_pretrained(self.dit, pretrained)
+        if lora.enabled:
+            if not pretrained:
+                raise ValueError("lora.rank > 0 adapts a base: set model.pretrained=EXPORT")
+            apply_lora(self.dit, lora)
+            keep_adapters_only(self)
+            self.strict_loading = False  # the frozen base comes from model.pretrained
+        return lora
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """ZeRO-3 + LoRA: the EMA adapters in the client state (train/lora.py says why)."""
+        if self.lora.enabled and _zero3(self.ema):
+            checkpoint[EMA_CLIENT_KEY] = adapter_state(self.ema)  # collective: every rank is here
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA run resumes only from a checkpoint of the same adapters (a full one is refused)."""
+        if not self.lora.enabled:
+            return
+        if EMA_CLIENT_KEY in checkpoint:
+            load_adapter_state(self.ema, checkpoint[EMA_CLIENT_KEY])
+        saved = checkpoint.get("state_dict")
+        if saved:  # plain .ckpt (DCP and ZeRO-3 load through the module's own keys)
+            expected = set(self.state_dict())
+            if set(saved) != expected:
+                raise ValueError(
+                    "the checkpoint does not hold this run's LoRA adapters (a full fine-tune, or "
+                    f"other lora settings): unexpected {sorted(set(saved) - expected)[:3]}, "
+                    f"missing {sorted(expected - set(saved))[:3]}"
+                )
+
     def setup(self, stage: str) -> None:
         """Check every stage's sequence-parallel degree against the world, then build its groups.
 
         Here because the process group exists by now and group creation is collective.
         """
         world_size = self.trainer.world_size if self._trainer is not None else 1
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if self.lora.enabled and hasattr(strategy, "exclude_frozen_parameters"):
+            # ZeRO-3 would save the frozen base as fragments; it comes from model.pretrained
+            strategy.exclude_frozen_parameters = True
         degrees = [s.sequence_parallel for s in self.curriculum.stages]
         for item in self.curriculum.stages:
             check_sequence_parallel(
@@ -216,8 +270,12 @@ class DiTModule(L.LightningModule):
         op dispatch once per parameter (~100 here) each step.
         """
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        if hasattr(self.ema, "reshard"):  # FSDP2 leaves a root unsharded after a no-grad forward
+            self.ema.reshard()  # (validation, previews): the lerp needs its DTensor shards
         targets, sources = [], []
         for ema_param, param in zip(self.ema.parameters(), self.dit.parameters(), strict=True):
+            if not param.requires_grad:  # LoRA: the frozen base, identical in both
+                continue
             if hasattr(param, "ds_tensor"):  # ZeRO-3: both partitioned alike, the local shards
                 targets.append(ema_param.ds_tensor)
                 sources.append(param.ds_tensor.to(ema_param.ds_tensor.dtype))
@@ -230,12 +288,16 @@ class DiTModule(L.LightningModule):
         base_lr = max(s.lr for s in self.curriculum.stages)
         decay, no_decay = [], []
         for name, param in self.dit.named_parameters():
+            if not param.requires_grad:  # LoRA: only the adapters train
+                continue
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]  # LoRA has no 1-D weights; ZeRO-3 drops empties
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            groups,
             lr=base_lr,
             betas=(0.9, 0.99),
         )
@@ -243,3 +305,8 @@ class DiTModule(L.LightningModule):
             optimizer, lambda step: self.curriculum.lr_at(step) / base_lr
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _zero3(module: torch.nn.Module) -> bool:
+    """Parameters partitioned by DeepSpeed ZeRO-3."""
+    return any(hasattr(p, "ds_tensor") for p in module.parameters())

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sora_lightning.models.dit import DiT, DiTConfig
+from sora_lightning.train.lora import LORA_META, load_lora_dit
 from sora_lightning.train.weights import (
     UntrustedModelError,
     load_dit,
@@ -211,6 +212,11 @@ def consolidate_checkpoint(path: str | Path, weights: str = "ema") -> tuple[DiT,
         raise ValueError(
             f"{path} holds no hyper_parameters; was it written by sora-train task=dit?"
         )
+    if (hparams.get("lora") or {}).get("rank"):  # no base inside: it comes from model.pretrained
+        raise ValueError(
+            f"{path} is a LoRA checkpoint (adapters only); sample the run's final/ folder "
+            "(sora-sample ckpt=RUN/final merges its adapters into the base export)"
+        )
     prefix = f"{weights}."
     module_state = {
         _strip(k)[len(prefix) :]: v.float()
@@ -242,10 +248,14 @@ def export_checkpoint(
 
 
 def export_bundle(dit_dir: str | Path, vae_dir: str | Path, output: str | Path) -> Path:
-    """Copy DiT (EMA) and VAE weights into one self-contained folder, re-pointing the VAE path."""
+    """Copy DiT (EMA) and VAE weights into one self-contained folder, re-pointing the VAE path.
+
+    A LoRA run's final/ (lora.json) is exported merged: its base with the adapters folded in.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    dit, meta = load_dit(dit_dir)
+    lora = (Path(dit_dir) / LORA_META).is_file()
+    dit, meta = load_lora_dit(dit_dir) if lora else load_dit(dit_dir)
     vae = load_vae(vae_dir)
     extra = {k: v for k, v in meta.items() if k != "config"}
     extra["meta"] = {**extra.get("meta", {}), "vae_dir": "."}
@@ -257,7 +267,7 @@ def export_bundle(dit_dir: str | Path, vae_dir: str | Path, output: str | Path) 
         "vae",
         {k: v for k, v in read_module_meta(vae_dir, "vae").items() if k != "config"},
     )
-    shutil.copy(Path(dit_dir) / "dit.json", output / "dit.source.json")
+    shutil.copy(Path(dit_dir) / (LORA_META if lora else "dit.json"), output / "dit.source.json")
     return output
 
 

@@ -32,8 +32,8 @@ from sora_lightning.parallel.strategies import (
     SHARDED,
     ShardReport,
     build_strategy,
-    find_sharded_checkpoint,
     gathered_state_dict,
+    strategy_name,
 )
 from sora_lightning.runlock import hold_run_lock
 from sora_lightning.train.cache import build_cache, cache_settings, vae_config_for
@@ -46,13 +46,14 @@ from sora_lightning.train.callbacks import (
 from sora_lightning.train.checkpoint import (
     CheckpointConfig,
     build_checkpointing,
-    resolve_resume,
     verify_checkpoint,
 )
 from sora_lightning.train.compile import CompileMonitor
-from sora_lightning.train.dit_data import DiTDataModule
+from sora_lightning.train.dit_data import DataLedger, DiTDataModule
 from sora_lightning.train.dit_module import DiTModule, FlowConfig
+from sora_lightning.train.elastic import TopologyRecorder, resume_checkpoint
 from sora_lightning.train.guards import guard_from_config
+from sora_lightning.train.lora import check_finetune, save_lora_final
 from sora_lightning.train.timing import step_timing
 from sora_lightning.train.vae_module import VAEModule
 from sora_lightning.train.weights import config_to_dict, load_vae, save_module
@@ -85,11 +86,33 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"bad config at `dit_train.flow`: {error}") from error
     for key in ("curriculum", "model.dit", "model.vae", "model.text"):
         _check_node(cfg, key)
+    if cfg.task == "dit":  # a base that is not model.dit is refused now, naming the fields
+        check_finetune(
+            cfg.model.get("pretrained"),
+            OmegaConf.to_container(cfg.get("lora"), resolve=True) if cfg.get("lora") else None,
+            instantiate(cfg.model.dit, _convert_="all"),
+        )
+    if cfg.task == "dit":
+        _check_conditioning(cfg)
     try:
         SamplingConfig.from_config(cfg.sampling)
     except ValueError as error:
         raise ValueError(f"bad config at `sampling`: {error}") from error
     _check_dataset_and_cache(cfg)
+
+
+def _check_conditioning(cfg: DictConfig) -> None:
+    """A stage that keeps clean frames needs a DiT with the conditioning channel (Wan 2.1's
+    text-to-video DiT has none): refused now, not when the stage starts."""
+    if cfg.model.dit.get("use_conditioning", True):
+        return
+    for index, stage in enumerate(cfg.curriculum.stages):
+        if float(stage.get("cond_probability", 0.0) or 0.0) > 0:
+            raise ValueError(
+                f"curriculum.stages.{index}.cond_probability={stage.cond_probability}, but "
+                "model.dit.use_conditioning=false (no clean-frame channel, as Wan 2.1 text-to-"
+                f"video): set curriculum.stages.{index}.cond_probability=0"
+            )
 
 
 def _check_dataset_and_cache(cfg: DictConfig) -> None:
@@ -170,6 +193,7 @@ def build_trainer(
     profiler, timing = _step_timing(cfg, run_dir, trainer_kwargs)
     callbacks = [
         *checkpoints,
+        TopologyRecorder(),  # strategy + world size in every checkpoint, for elastic resume
         *progress,
         *guards,
         *extra_callbacks,
@@ -219,14 +243,12 @@ def _fit(
         "CPUCapableDeepSpeedStrategy",
         "ModelParallelStrategy",
     )
-    if sharded:  # ZeRO-3 / DCP write folders through their own I/O
-        resume = find_sharded_checkpoint(run_dir / "checkpoints")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    else:
-        resume = resolve_resume(
-            resume_from, run_dir / "checkpoints"
-        )  # loaded by AtomicCheckpointIO: weights_only
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    # Any format, converted when this strategy or world size cannot load it (train/elastic.py);
+    # files load through AtomicCheckpointIO (verified, weights_only), folders through their own I/O.
+    resume = resume_checkpoint(
+        resume_from, run_dir / "checkpoints", strategy_name(trainer.strategy), trainer.world_size
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     final = run_dir / "checkpoints" / f"step={trainer.global_step}.ckpt"
     missing = (
         sharded or verify_checkpoint(final) is not None
@@ -370,6 +392,8 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         meta=meta,
         parallel=OmegaConf.to_container(cfg.strategy, resolve=True),
         compile=bool(hp.get("compile", False)),
+        pretrained=cfg.model.get("pretrained"),
+        lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None,
     )
     datamodule = DiTDataModule(
         cfg.data.cache_dir,
@@ -399,20 +423,31 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 seed=cfg.seed,
             ),
             ShardReport(run_dir / "sharding"),
+            *([DataLedger(run_dir / "data_ledger")] if hp.get("data_ledger") else []),
             _bad_data_monitor(cfg),
         ],
     )
     _fit(trainer, module, datamodule, run_dir, cfg.checkpoint.get("resume_from"))
-    ema = DiT(dit_cfg)  # gathered from ZeRO-3 partitions / FSDP2 shards (a no-op copy otherwise)
-    ema.load_state_dict(gathered_state_dict(module.ema))
-    if trainer.is_global_zero:
-        save_module(
-            ema, dit_cfg, run_dir / "final", "dit", {"meta": meta, "steps": trainer.global_step}
+    extra = {"meta": meta, "steps": trainer.global_step}
+    if module.lora.enabled:  # adapters only; `sora-sample ckpt=RUN/final` merges them into the base
+        weights = save_lora_final(
+            module.ema,
+            module.lora,
+            cfg.model.pretrained,
+            run_dir / "final",
+            extra,
+            write=trainer.is_global_zero,
         )
+    else:
+        ema = DiT(dit_cfg)  # gathered from ZeRO-3 partitions / FSDP2 shards (else a copy)
+        ema.load_state_dict(gathered_state_dict(module.ema))
+        weights = run_dir / "final" / "dit.safetensors"
+        if trainer.is_global_zero:
+            save_module(ema, dit_cfg, run_dir / "final", "dit", extra)
     return {
         "task": "dit",
         "steps": trainer.global_step,
-        "weights": str(run_dir / "final" / "dit.safetensors"),
+        "weights": str(weights),
         "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
     }
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.models.vae import VAEConfig, VideoVAE
+from sora_lightning.models.wan_vae import WAN_VAE_KIND, WanVAEConfig, build_vae
 from sora_lightning.utils import atomic_path, write_json_atomic
 
 
@@ -98,9 +99,12 @@ def _build(config_class: type, meta: dict[str, Any], path: Path) -> Any:
 
 
 def load_vae(directory: str | Path, name: str = "vae") -> VideoVAE:
-    """VideoVAE from `name.safetensors` + `name.json`, in eval mode."""
+    """VideoVAE from `name.safetensors` + `name.json`, in eval mode; the Wan VAE kind when its
+    config says `kind: wan2.1` (an imported Wan export), behind the same interface."""
     meta = read_module_meta(directory, name)
-    vae = VideoVAE(_build(VAEConfig, meta, Path(directory) / f"{name}.json"))
+    wan = isinstance(meta["config"], dict) and meta["config"].get("kind") == WAN_VAE_KIND
+    config = _build(WanVAEConfig if wan else VAEConfig, meta, Path(directory) / f"{name}.json")
+    vae = build_vae(config)
     _load_weights(vae, directory, name)
     return vae.eval()
 

@@ -17,6 +17,7 @@ CONF_DIR = conf_dir()  # the installed sora_lightning.conf package (conf/ in an 
 
 GROUPS = [
     "dataset",
+    "model",  # whole published models (conf/model/*.yaml): dit, vae and text together
     "model/vae",
     "model/dit",
     "model/text",
@@ -77,6 +78,8 @@ def test_all_yaml_files_are_covered() -> None:
     covered = {CONF_DIR / f"{n}.yaml" for n in ("train", "pipeline", "sample", "eval")}
     covered |= {CONF_DIR / g / f"{o}.yaml" for g in GROUPS for o in options(g)}
     covered |= {CONF_DIR / g / "default.yaml" for g in ("provenance", "safety")}  # sample/eval
+    covered |= {CONF_DIR / "caption" / "default.yaml"}  # pipeline; tests/unit/test_captioning.py
+    covered |= set((CONF_DIR / "prompt_expander").glob("*.yaml"))  # tests/unit/test_expand.py
     assert set(Path(CONF_DIR).rglob("*.yaml")) <= covered
 
 
