@@ -133,7 +133,7 @@ def text_states(text_encoder: TextEncoder, caption: str) -> Tensor:
             f"prompt too long: it exceeds the text encoder's {text_encoder.config.max_length} "
             "tokens after expansion; shorten it"
         )
-    return encoding.states[0][encoding.mask[0]].float()
+    return encoding.states[0][encoding.mask[0]].float().cpu()
 
 
 def latent_shape(
@@ -266,28 +266,37 @@ def guided_velocity_fn(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
 ) -> flow.Velocity:
     """Closure running conditional and unconditional passes as one packed batch of two
-    (the conditional pass alone outside `cfg_interval`)."""
-    grids = torch.tensor([grid, grid], dtype=torch.int64)
-    captions = [states, null_states]
+    (the conditional pass alone outside `cfg_interval`).
+
+    The DiT runs where its weights are (a GPU): its inputs go there and its output comes back,
+    so the solver's state, noise and given frames stay on the CPU and a seed gives the same
+    noise on any device.
+    """
+    device = next(dit.parameters()).device
+    grids = torch.tensor([grid, grid], dtype=torch.int64, device=device)
+    captions = [states.to(device), null_states.to(device)]
     texts = {  # copies -> (caption states [S, Dt], their cu_seqlens), built once per video
-        n: (torch.cat(captions[:n]), seqlens_to_cu([c.shape[0] for c in captions[:n]]))
+        n: (torch.cat(captions[:n]), seqlens_to_cu([c.shape[0] for c in captions[:n]]).to(device))
         for n in (1, 2)
     }
+    clean = None if clean is None else clean.to(device)
+    mask = None if mask is None else mask.to(device)
 
     def run(x: Tensor, t: Tensor, copies: int) -> Tensor:
         """The DiT on `copies` packed copies of x, one per caption (conditional first)."""
         num = x.shape[0]
         text, text_cu = texts[copies]
-        return dit(
-            x.repeat(copies, 1),
-            seqlens_to_cu([num] * copies),
+        out = dit(
+            x.to(device).repeat(copies, 1),
+            seqlens_to_cu([num] * copies).to(device),
             grids[:copies],
-            t.repeat(copies).float(),
+            t.to(device).repeat(copies).float(),
             text,
             text_cu,
             cond=None if clean is None else clean.repeat(copies, 1),
             cond_mask=None if mask is None else mask.repeat(copies),
         )
+        return out.to(x.device, torch.float32)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         if not cfg_interval[0] <= float(t[0]) <= cfg_interval[1]:

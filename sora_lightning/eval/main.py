@@ -23,7 +23,8 @@ from sora_lightning.eval.generic import (
     vae_reconstruction,
     validation_flow_loss,
 )
-from sora_lightning.sample.generate import load_generator
+from sora_lightning.sample.expand import build_expander, expander_config, resolve_examples
+from sora_lightning.sample.generate import load_generator, pick_device
 from sora_lightning.sample.main import prompts_of
 from sora_lightning.sample.provenance import Provenance
 from sora_lightning.sample.safety import Safety
@@ -50,11 +51,13 @@ def run_eval(cfg: DictConfig) -> dict:
     prompt_set = cfg.get("prompt_set", "held_out")
     world_prompts = _prompts(prompt_set) if cfg.get("world", True) else []
     settings = SamplingConfig.from_config(cfg.sampling)  # rejects bad sizes before any work
+    expansion = resolve_examples(expander_config(cfg), cfg.ckpt)  # a bad expander, before models
     provenance = Provenance.from_config(cfg.get("provenance"))  # a test signature, up front
     safety = Safety.from_config(cfg.get("safety"))
     prompts = prompts_of(cfg)
     safety.screen(prompts)  # refused prompts are named before the model loads
-    generator = load_generator(cfg.ckpt, expand_prompts=cfg.get("expand_prompt", True))
+    device = pick_device(cfg.get("device", "auto"))
+    generator = load_generator(cfg.ckpt, expander=build_expander(expansion)).to(device)
     out_dir = Path(cfg.out_dir)
     scores: dict = {"settings": {k: v for k, v in asdict(settings).items() if k != "seed"}}
     scores.update(_generic(cfg, generator))

@@ -53,7 +53,6 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from sora_lightning.data.clips import to_model_range, to_uint8, valid_length
-from sora_lightning.data.world import expand_prompt
 from sora_lightning.diffusion import flow
 from sora_lightning.diffusion.sampling import (
     LatentPlan,
@@ -67,7 +66,9 @@ from sora_lightning.diffusion.sampling import (
 from sora_lightning.models.dit import DiT, DiTConfig
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig
 from sora_lightning.models.vae import CausalCache, VideoVAE, clip_lengths_hint, is_clip_length
+from sora_lightning.sample.expand import NoExpander, PromptExpander, WorldExpander
 from sora_lightning.sample.provenance import Provenance, generation_record, output_path
+from sora_lightning.train.lora import LORA_META, LORA_WEIGHTS, load_lora_dit
 from sora_lightning.train.weights import load_dit, load_vae, read_module_meta, torch_load_safe
 
 GENERATOR_NAME = "sora_lightning"
@@ -88,6 +89,8 @@ class GeneratedVideo:
     options: dict[str, Any] = field(default_factory=dict)
     windows: list[tuple[int, int]] = field(default_factory=list)
     """[begin, end) latent frames of each solve; one window unless the video was sampled long."""
+    prompt_expander: dict[str, Any] = field(default_factory=dict)
+    """What expanded the prompt (`PromptExpander.record`: name, model hash for llm)."""
 
 
 @dataclass
@@ -226,15 +229,20 @@ class VideoGenerator:
         latent_std: Tensor,
         *,
         expand_prompts: bool = True,
+        expander: PromptExpander | None = None,
         model_hash: str = "",
         trained_frames: int | None = None,
     ) -> None:
+        """`expander` rewrites prompts (sample/expand.py); None: the world's rules, or none with
+        `expand_prompts=False` (a shorthand for `expander=NoExpander()`)."""
         self.dit, self.vae, self.text_encoder = dit.eval(), vae.eval(), text_encoder
         self.mean, self.std = (
             latent_mean.view(-1, 1, 1, 1).float(),
             latent_std.view(-1, 1, 1, 1).float(),
         )
-        self.expand_prompts, self.model_hash = expand_prompts, model_hash
+        if expander is None:
+            expander = WorldExpander() if expand_prompts else NoExpander()
+        self.expander, self.model_hash = expander, model_hash
         self.trained_frames = trained_frames
         """Longest clip (pixel frames) the model was trained on: the default window length."""
         self.patch = tuple(dit.config.patch_size)
@@ -243,14 +251,10 @@ class VideoGenerator:
     def encode_prompt(self, prompt: str, num_frames: int | None = None) -> tuple[Tensor, str]:
         """Expand a short prompt to the detailed caption form, then encode (real tokens only).
 
-        num_frames=1 expands to the image form ("An image of ..."); None to the video form.
+        num_frames=1 expands to the image form ("An image of ...") where the expander has one;
+        None to the video form.
         """
-        if not self.expand_prompts:
-            expanded = prompt
-        elif num_frames is None:
-            expanded = expand_prompt(prompt)
-        else:
-            expanded = expand_prompt(prompt, num_frames=num_frames)
+        expanded = self.expander.expand(prompt, num_frames)
         return text_states(self.text_encoder, expanded), expanded
 
     def latent_shape(self, config: SamplingConfig) -> tuple[int, int, int, int]:
@@ -271,16 +275,17 @@ class VideoGenerator:
     def _posterior_mean(self, frames: np.ndarray) -> Tensor:
         """uint8 [T, H, W, 3] -> the VAE's posterior mean [C, F, h, w] (not normalised); a long
         clip goes through in chunks with the causal cache."""
-        video = to_model_range(frames).unsqueeze(0)
+        video = to_model_range(frames).unsqueeze(0).to(self.device)
         chunk = VAE_CHUNK_LATENTS * self.vae.config.temporal_factor
         if len(frames) <= 1 + chunk:
-            return self.vae.encode(video).mode()[0]
-        return self.vae.encode_chunked(video, chunk_frames=chunk).mode()[0]
+            return self.vae.encode(video).mode()[0].float().cpu()
+        return self.vae.encode_chunked(video, chunk_frames=chunk).mode()[0].float().cpu()
 
     def _decode(self, latent: Tensor) -> np.ndarray:
         """Unnormalised latents [C, F, h, w] -> uint8 frames [T, H, W, 3]; a long video is
         decoded `VAE_CHUNK_LATENTS` at a time (causal cache, exact like `decode_chunked`), each
         chunk stored as uint8 at once so no float copy of the whole video is ever held."""
+        latent = latent.to(self.device)
         if latent.shape[1] <= VAE_CHUNK_LATENTS:
             return to_uint8(self.vae.decode(latent.unsqueeze(0))[0])
         frames: np.ndarray | None = None
@@ -297,6 +302,19 @@ class VideoGenerator:
             position += len(part)
         assert frames is not None and position == len(frames), "chunks did not cover the video"
         return frames
+
+    @property
+    def device(self) -> torch.device:
+        """Where the VAE runs (the DiT's inputs follow its own weights, `guided_velocity_fn`)."""
+        return next(self.vae.parameters()).device
+
+    def to(self, device: str | torch.device) -> VideoGenerator:
+        """Move the DiT, the VAE and the text encoder to `device` (sampling state stays on the
+        CPU: the same seed gives the same noise everywhere); returns self."""
+        self.dit.to(device)
+        self.vae.to(device)
+        self.text_encoder.to(device)
+        return self
 
     @torch.no_grad()
     def reconstruct(self, frames: np.ndarray) -> np.ndarray:
@@ -316,7 +334,14 @@ class VideoGenerator:
         if len(windows) > 1:
             options["windows"] = [list(window) for window in windows]
         return GeneratedVideo(
-            frames, prompt, expanded, config.seed, self.model_hash, options, windows
+            frames,
+            prompt,
+            expanded,
+            config.seed,
+            self.model_hash,
+            options,
+            windows,
+            self.expander.record(),
         )
 
     @torch.no_grad()
@@ -466,6 +491,7 @@ def _encode_mp4(path: Path, video: GeneratedVideo, fps: int) -> None:
                     {
                         "prompt": video.prompt,
                         "expanded_prompt": video.expanded_prompt,
+                        "prompt_expander": video.prompt_expander,
                         "seed": video.seed,
                         "model_hash": video.model_hash,
                         "generator": GENERATOR_NAME,
@@ -517,7 +543,7 @@ def read_model_info(path: str | Path) -> ModelInfo | None:
     path = Path(path)
     if not path.is_dir():
         return None
-    saved = read_module_meta(path, "dit")
+    saved = read_module_meta(path, "lora" if (path / LORA_META).is_file() else "dit")  # LoRA final/
     meta, config = saved.get("meta") or {}, saved["config"]
     if "temporal_factor" not in meta or "spatial_factor" not in meta:
         return None
@@ -553,19 +579,39 @@ def trained_frames(
     return max(lengths) if lengths else None
 
 
+def pick_device(name: str) -> torch.device:
+    """`device=auto|cpu|cuda|cuda:N`: auto takes the GPU when there is one. A named GPU that
+    is missing is refused here, before any weights load."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: no CUDA GPU is visible here; use device=cpu or auto")
+    return device
+
+
 def load_generator(
-    path: str | Path, *, use_ema: bool = True, expand_prompts: bool = True
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    expand_prompts: bool = True,
+    expander: PromptExpander | None = None,
 ) -> VideoGenerator:
-    """From an export folder (dit.safetensors + vae.safetensors) or a DiT training checkpoint (.ckpt)."""
+    """From an export folder (dit.safetensors + vae.safetensors) or a DiT training checkpoint (.ckpt).
+
+    `expander` (sample/expand.py `build_expander`) rewrites prompts; None: as `VideoGenerator`.
+    """
     path = Path(path)
     if path.is_dir():
-        dit, saved = load_dit(path)
+        lora = (path / LORA_META).is_file()  # a LoRA run's final/: base + adapters, merged
+        dit, saved = load_lora_dit(path) if lora else load_dit(path)
         meta = saved["meta"]
         vae_dir = (
             Path(meta["vae_dir"]) if Path(meta["vae_dir"]).is_absolute() else path / meta["vae_dir"]
         )
         vae = load_vae(vae_dir)
-        model_hash = hashlib.sha256((path / "dit.safetensors").read_bytes()).hexdigest()[:16]
+        weights = path / (LORA_WEIGHTS if lora else "dit.safetensors")
+        model_hash = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
         longest = trained_frames(meta, folder=path)
     elif path.is_file():
         checkpoint = torch_load_safe(path)
@@ -598,6 +644,7 @@ def load_generator(
         torch.tensor(meta["latent_mean"]),
         torch.tensor(meta["latent_std"]),
         expand_prompts=expand_prompts,
+        expander=expander,
         model_hash=model_hash,
         trained_frames=longest,
     )

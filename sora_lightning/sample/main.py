@@ -9,7 +9,8 @@ windows (`sampling.window_frames`, `sampling.window_overlap`).
 
 Every mp4 is signed with a C2PA manifest when `provenance.cert`/`provenance.key` are set
 (`sora-verify FILE` checks it); `safety.prompt_filter` and `safety.frame_filter` refuse prompts
-and withhold videos (sample/safety.py).
+and withhold videos (sample/safety.py). `prompt_expander=none|world|llm` rewrites prompts into the
+caption form the model was trained on (sample/expand.py); the expansion is recorded in each mp4.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from sora_lightning.config import CONFIG_PATH
 from sora_lightning.data.decode import decode_image, decode_video
 from sora_lightning.data.latent_cache import held_out_captions
 from sora_lightning.diffusion.sampling import SamplingConfig
-from sora_lightning.sample.generate import Given, load_generator, read_model_info, write_mp4
+from sora_lightning.sample.expand import build_expander, expander_config, resolve_examples
+from sora_lightning.sample.generate import (
+    Given,
+    load_generator,
+    pick_device,
+    read_model_info,
+    write_mp4,
+)
 from sora_lightning.sample.provenance import Provenance, generation_record
 from sora_lightning.sample.safety import PromptRefused, Safety
 
@@ -74,7 +82,8 @@ def sample(cfg: DictConfig) -> list[Path]:
     """Generate every requested prompt; returns the written mp4 paths.
 
     Everything that can be refused is refused before the video model loads: sizes, the
-    provenance credentials (a test signature), the safety models and the prompts themselves.
+    prompt expander, the provenance credentials (a test signature), the safety models and the
+    prompts themselves.
     A video the frame filter flags is withheld (not written); with nothing written, it fails.
     """
     if not cfg.prompt and not cfg.prompts and not cfg.get("prompts_from_cache"):
@@ -82,11 +91,14 @@ def sample(cfg: DictConfig) -> list[Path]:
             'nothing to sample: pass prompt="...", prompts=[...] or prompts_from_cache=CACHE_DIR'
         )
     config = SamplingConfig.from_config(cfg.sampling)  # sizes checked before loading anything
+    expansion = resolve_examples(expander_config(cfg), cfg.ckpt)
     provenance = Provenance.from_config(cfg.get("provenance"))
     safety = Safety.from_config(cfg.get("safety"))
     jobs = _screened(_jobs(cfg), safety)
     given = checked_request(cfg, config)
-    generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expand_prompts=cfg.expand_prompt)
+    device = pick_device(cfg.get("device", "auto"))
+    expander = build_expander(expansion)
+    generator = load_generator(cfg.ckpt, use_ema=cfg.use_ema, expander=expander).to(device)
     written = []
     for prompt, path in tqdm(jobs, desc="sampling", unit="video"):
         video = generator.generate(prompt, config, given)

@@ -104,3 +104,14 @@ def test_text_separation_finds_minilm_last_layer_blind_to_direction(
     assert 0.7 < layers["0"]["motion_vs_colour"] < 1.4  # token embeddings: left/right like colours
     assert layers["-1"]["motion_vs_colour"] < 0.25  # last layer: directions nearly merged
     assert layers["-1"]["colour"]["token"] > 2 * layers["-1"]["left/right"]["token"]
+
+
+def test_edit_colour_reads_edits_and_keeps_the_clip_at_strength_zero(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = load_bench("edit_colour").main(
+        ["--tiny", "--clips", "2", "--strengths", "0,1", "--steps", "2", "--threads", "1"]
+    )
+    assert printed_json(capsys) == result
+    assert result["clips"] == 2 and set(result["by_strength"]) == {"0.0", "1.0"}
+    assert result["max_pixel_gap_at_0"] <= 1.0  # the clip's own latents, decoded

@@ -157,6 +157,7 @@ def test_sora_sample_withholds_flagged_videos(tmp_path: Path, models, monkeypatc
     from sora_lightning.sample import main
 
     stub = SimpleNamespace(generate=lambda prompt, config, cond_frames=None: tiny_video(prompt))
+    stub.to = lambda device: stub  # sora-sample moves the generator to its device
     monkeypatch.setattr(main, "load_generator", lambda *args, **kwargs: stub)
     overrides = [
         "ckpt=x",
