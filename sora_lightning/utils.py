@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import resource
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,3 +101,70 @@ def write_json_atomic(path: str | Path, payload: Any, *, sort_keys: bool = True)
 def combined_hash(*parts: str) -> str:
     """One short key from several hashes/settings strings."""
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+class NoSpaceError(OSError):
+    """A write failed because its file system is full (ENOSPC, or EDQUOT: a quota).
+
+    Why a class of its own: the error a full disk raises deep inside a writer names no file
+    (`OSError: [Errno 28]` from a tar stream), or hides it entirely (`torch.save` reports
+    `unexpected pos 576 vs 534`); this one names the folder, what was being written, and what
+    still counts, so a person knows which disk to free and that a rerun is safe.
+    """
+
+
+def find_no_space(error: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT `OSError` in `error`'s cause/context chain, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def reporting_no_space(folder: str | Path, what: str, then: str = "") -> Iterator[None]:
+    """Turn a full-disk failure inside the block into `NoSpaceError` naming `folder` and `what`.
+
+    `then` says what the interrupted write left that still counts and how to go on. Any other
+    error passes through unchanged.
+    """
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except Exception as error:
+        if find_no_space(error) is None:
+            raise
+        try:
+            free = f"{shutil.disk_usage(folder).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        message = f"no space left on device in {folder} while writing {what} ({free})"
+        raise NoSpaceError(errno.ENOSPC, message + (f"; {then}" if then else "")) from error
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (memory benchmarks)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes(reset_worked: bool) -> int:
+    """Peak RSS since `reset_peak_rss` (VmHWM), else the lifetime peak from getrusage."""
+    if reset_worked:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -49,8 +49,8 @@ from sora_lightning.train.checkpoint import (
 from sora_lightning.train.export import (
     DEEPSPEED_CLASSES,
     _load_zero3,
-    _safe_dcp_reader,
     _zero3_tag_folder,
+    read_dcp,
     weights_only_loads,
 )
 from sora_lightning.train.weights import torch_load_safe
@@ -295,17 +295,7 @@ def dcp_to_full(folder: Path) -> dict[str, Any]:
     DCP keys the optimizer state by parameter name; a full checkpoint by index, in the order of
     the optimizer's groups, which the saved `param_groups` list by name.
     """
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    loaded: dict[str, Any] = {}
-    _load_state_dict(
-        loaded,
-        storage_reader=_safe_dcp_reader(folder),
-        planner=_EmptyStateDictLoadPlanner(),
-        no_dist=True,
-    )
-    extras = torch_load_safe(folder / "meta.pt") if (folder / "meta.pt").is_file() else {}
+    loaded, extras = read_dcp(folder)
     saved = loaded["optimizer_0"]
     state, param_groups, names, index = {}, [], [], 0
     for group in saved["param_groups"]:

@@ -169,8 +169,9 @@ def _safe_dcp_reader(folder: Path) -> Any:
     return SafeReader(folder)
 
 
-def _load_dcp(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full tensors from a torch.distributed.checkpoint folder, read in one process.
+def read_dcp(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything a torch.distributed.checkpoint folder holds, read whole in one process, and
+    its `meta.pt` extras (empty when absent).
 
     The tensor files are read with weights_only=True by torch itself; the metadata pickle through
     `PlainMetadataUnpickler`.
@@ -186,6 +187,12 @@ def _load_dcp(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         no_dist=True,
     )
     extras = torch_load_safe(folder / "meta.pt") if (folder / "meta.pt").is_file() else {}
+    return loaded, extras
+
+
+def _load_dcp(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full model state dict of a DCP folder, and its extras."""
+    loaded, extras = read_dcp(folder)
     return loaded["state_dict"], extras
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sora_lightning.utils import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,27 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if tiny and args.window_frames is None:
         args.window_frames = 9  # the tiny VAE is 4x in time: 3 latent frames per window
     return args
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_bytes(reset_worked: bool) -> int:
-    if reset_worked:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def load(args: argparse.Namespace) -> Any:
@@ -144,12 +124,12 @@ def measure_case(args: argparse.Namespace, generator: Any, frames: int) -> dict[
         window_frames=args.window_frames,
         window_overlap=args.overlap,
     )
-    before = _rss_bytes()
-    reset_worked = _reset_peak()
+    before = rss_bytes()
+    reset_worked = reset_peak_rss()
     start, cpu_start = time.perf_counter(), time.process_time()
     video = generator.generate(args.prompt, config)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = _peak_bytes(reset_worked)
+    peak = peak_rss_bytes(reset_worked)
     factor = generator.vae.config.temporal_factor
     return {
         "frames": frames,

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sora_lightning.utils import peak_rss_bytes, reset_peak_rss, rss_bytes
+
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "vae"
 
 
@@ -51,30 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_bytes(reset_worked: bool) -> int:
-    """Peak RSS since the reset (VmHWM), else the lifetime peak from getrusage."""
-    if reset_worked:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def load_vae(preset: str) -> Any:
@@ -107,12 +85,12 @@ def measure_case(args: argparse.Namespace, frames: int) -> dict[str, Any]:
 
     encode_decode(video[:, :, : 1 + args.chunk_frames])  # warm up kernels and thread pools
     gc.collect()
-    baseline = _rss_bytes()
-    reset_worked = _reset_peak()
+    baseline = rss_bytes()
+    reset_worked = reset_peak_rss()
     start, start_cpu = time.perf_counter(), time.process_time()
     latents, recon = encode_decode(video)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    peak = _peak_bytes(reset_worked)
+    peak = peak_rss_bytes(reset_worked)
     return {
         "frames": frames,
         "seconds": seconds,
