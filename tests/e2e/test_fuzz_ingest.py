@@ -1,7 +1,8 @@
 """Hostile media through the folder ingest and the shard index: no crash, no hang, nothing outside.
 
 Inputs are mutated real media (tests/media_fixtures.py) with a fixed seed: bit flips, truncation
-at several offsets, wrong extensions, a 0-frame video, a multi-megabyte caption, a caption that
+at several offsets, wrong extensions, a 0-frame and a 10,000-frame video, a PNG and a GIF whose
+headers declare absurd sizes (memory stays bounded: the peak RSS growth is checked), a multi-megabyte caption, a caption that
 is not UTF-8, file names that are not UTF-8, symlink loops, a fifo. Every input must end as a
 sample, a caption or a skip counted by reason (the summary's `inputs`), every written sample
 must read back, each file must take bounded time, and no file outside the output folder may
@@ -30,10 +31,13 @@ from sora_lightning.data import ingest
 from sora_lightning.data.decode import check_media
 from sora_lightning.data.shards import BadSampleCounter, iter_shard_samples
 from sora_lightning.data.sources import index_shards
+from sora_lightning.utils import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 pytestmark = pytest.mark.e2e
 SEED = 20261207
 SECONDS_PER_FILE = 10.0
+MAX_RSS_GROWTH = 512 << 20
+"""Peak RSS the fast fuzz ingest may add: 38 MB was measured; a 100,000^2 PNG would be 30 GB."""
 NUM_FLIPS = 8
 """Bit-flipped copies of each base file, with 1, 5, 9, ... flipped bits."""
 FAST_BASES = ("clips/bbb_16x9.mp4", "containers/anim.gif", "images/cat.jpg")
@@ -69,6 +73,45 @@ def zero_frame_video(fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def long_video(num_frames: int = 10_000) -> bytes:
+    """A valid 16x16 mp4 of `num_frames` frames (a 10,000-frame clip decodes in about a second)."""
+    buffer = io.BytesIO()
+    frame = np.zeros((16, 16, 3), dtype=np.uint8)
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for index in range(num_frames):
+            frame[..., 0] = index % 256
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels (checksums right) over 1 row of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" + b"\0" * 3 * 64)  # one short row; the rest is missing
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def gif_declaring(width: int, height: int) -> bytes:
+    """A GIF whose screen and one frame declare width x height, with a 1-pixel image's data."""
+    import struct
+
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + frame + b"\x3b"
+
+
 def write_input(root: Path, name: str | bytes, data: bytes, caption: bytes | None) -> int:
     """Write a media file (name may be non-UTF-8 bytes) and its sidecar; returns entries made."""
     name_bytes = name if isinstance(name, bytes) else name.encode()
@@ -99,6 +142,9 @@ def build_fuzz_folder(
         kinds += [f"bit flips x{num_flips}", "truncations x6", "wrong extensions x4"]
     clip = (base / "clips/bbb_16x9.mp4").read_bytes()
     entries += write_input(root, "odd/zero_frames.mp4", zero_frame_video("mp4"), b"no frames")
+    entries += write_input(root, "odd/frames_10000.mp4", long_video(), b"ten thousand frames")
+    entries += write_input(root, "odd/huge.png", png_declaring(100_000, 100_000), b"huge png")
+    entries += write_input(root, "odd/huge_screen.gif", gif_declaring(65_535, 65_535), b"huge gif")
     entries += write_input(root, "odd/empty_track.mkv", zero_frame_video("matroska"), b"none")
     entries += write_input(root, "odd/long_caption.mp4", clip, b"word " * (1 << 20))  # 5 MB
     entries += write_input(root, "odd/latin1_caption.mp4", clip, "caf\xe9".encode("latin-1"))
@@ -110,7 +156,13 @@ def build_fuzz_folder(
     os.symlink("/etc/passwd", root / "odd" / "outside.mp4")
     os.mkfifo(root / "odd" / "pipe.mp4")  # reading it would block forever
     entries += 5
-    kinds += ["0-frame mp4", "5 MB caption", "latin-1 caption", "non-UTF-8 names"]
+    kinds += [
+        "0-frame mp4",
+        "10,000-frame mp4",
+        "PNG declaring 100,000^2",
+        "GIF declaring 65,535^2",
+    ]
+    kinds += ["5 MB caption", "latin-1 caption", "non-UTF-8 names"]
     kinds += ["symlink loops", "link outside", "fifo"]
     return entries, kinds
 
@@ -162,11 +214,14 @@ def fuzz_ingest(
 
     monkeypatch.setattr(ingest, "_folder_job", timed)
     faulthandler.dump_traceback_later(SECONDS_PER_FILE * (entries + 10), exit=True)  # a hang
+    baseline, reset_worked = rss_bytes(), reset_peak_rss()
     try:
         summary = ingest.shards_from_folder(root, out, progress=False, max_count=8)
     finally:
         faulthandler.cancel_dump_traceback_later()
+    growth = peak_rss_bytes(reset_worked) - baseline
     result = {"entries": entries, "kinds": kinds, "summary": summary, "out": out}
+    result["peak_rss_growth"] = growth if reset_worked else None
     return {**result, "outcomes": outcomes}, (
         before,
         snapshot(tmp_path, skip=out),
@@ -204,9 +259,14 @@ def test_fuzz_folder_ingest_fast(real_media: Path, tmp_path: Path, monkeypatch) 
     assert outcomes["odd/zero_frames.mp4"] != "sample" != outcomes["odd/empty_track.mkv"]
     assert outcomes["odd/latin1_caption.mp4"] == "invalid_utf8_caption"
     assert outcomes["odd/long_caption.mp4"] == "sample"
+    assert outcomes["odd/frames_10000.mp4"] == "sample"  # long is fine: decoded, never held whole
+    assert outcomes["odd/huge.png"] == outcomes["odd/huge_screen.gif"] == "undecodable"
+    growth = result["peak_rss_growth"]
+    assert growth is None or growth < MAX_RSS_GROWTH, f"ingest grew RSS by {growth} bytes"
     assert outcomes[os.fsdecode(b"odd/\xff\xfe_name.mp4")] == "sample"
     samples = list(iter_shard_samples(sorted(result["out"].glob("*.tar"))))
     assert any(len(s.meta["caption"]) > 4_000_000 for s in samples), "the 5 MB caption, whole"
+    assert 10_000 in {s.meta.get("frames") for s in samples}, "the 10,000-frame clip, counted"
     assert "odd/\\xff\\xfe_name.mp4" in {s.meta["source"] for s in samples}
     record = json.dumps(result["summary"]["skipped"], sort_keys=True)
     print(
