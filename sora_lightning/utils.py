@@ -9,7 +9,7 @@ import os
 import resource
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,11 +125,14 @@ def find_no_space(error: BaseException | None) -> OSError | None:
 
 
 @contextmanager
-def reporting_no_space(folder: str | Path, what: str, then: str = "") -> Iterator[None]:
+def reporting_no_space(
+    folder: str | Path, what: str, then: str | Callable[[], str] = ""
+) -> Iterator[None]:
     """Turn a full-disk failure inside the block into `NoSpaceError` naming `folder` and `what`.
 
-    `then` says what the interrupted write left that still counts and how to go on. Any other
-    error passes through unchanged.
+    `then` says what the interrupted write left that still counts and how to go on (a callable
+    is asked only after a failure: finding that out may cost a scan). Any other error passes
+    through unchanged.
     """
     try:
         yield
@@ -143,6 +146,7 @@ def reporting_no_space(folder: str | Path, what: str, then: str = "") -> Iterato
         except OSError:
             free = "free space unknown"
         message = f"no space left on device in {folder} while writing {what} ({free})"
+        then = then() if callable(then) else then
         raise NoSpaceError(errno.ENOSPC, message + (f"; {then}" if then else "")) from error
 
 

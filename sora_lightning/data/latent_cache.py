@@ -31,7 +31,13 @@ from sora_lightning.data.shards import BadSampleCounter, RawSample, iter_shard_s
 from sora_lightning.data.sources import is_held_out
 from sora_lightning.models.text import TextEncoder
 from sora_lightning.models.vae import VideoVAE
-from sora_lightning.utils import atomic_path, combined_hash, state_dict_hash, write_json_atomic
+from sora_lightning.utils import (
+    atomic_path,
+    combined_hash,
+    reporting_no_space,
+    state_dict_hash,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 META_NAME = "meta.json"
@@ -41,6 +47,10 @@ PART_META = "meta.part-{part:03d}.json"
 
 
 CACHE_RESIZES = ("ffmpeg_bilinear",)
+NO_SPACE_THEN = (
+    "its meta.json is not written, so the cache does not count; free space and rerun "
+    "(it is rebuilt from the shards)"
+)
 
 
 @dataclass
@@ -164,8 +174,9 @@ class _ShardSink:
     def write(self, encoded: list[_Encoded], encoder: TextEncoder) -> None:
         if not encoded:
             return
+        # Fixed member times: the same inputs give byte-identical cache shards.
         self.writer = self.writer or wds.ShardWriter(
-            self.pattern, maxcount=self.max_count, verbose=0
+            self.pattern, maxcount=self.max_count, verbose=0, mtime=0.0
         )
         for item, record in zip(encoded, _records(encoded, encoder), strict=True):
             self.writer.write(record)
@@ -320,12 +331,16 @@ def write_cache(
     out = Path(out_dir)
     shards = list(shards)
     _check_added(added, settings)
-    partials, skipped = _encode_shards(
-        list(enumerate(shards)), out, vae, encoder, settings, max_count, added
-    )
-    meta = _combine(partials, skipped, _identity(vae, encoder, settings))
-    _write_null_text(out, encoder)
-    write_json_atomic(out / META_NAME, meta)
+    # An earlier meta.json would describe shards this run is about to overwrite: gone first, so
+    # an interrupted rewrite (a full disk, a kill) leaves a cache that does not count.
+    (out / META_NAME).unlink(missing_ok=True)
+    with reporting_no_space(out, "the latent cache", NO_SPACE_THEN):
+        partials, skipped = _encode_shards(
+            list(enumerate(shards)), out, vae, encoder, settings, max_count, added
+        )
+        meta = _combine(partials, skipped, _identity(vae, encoder, settings))
+        _write_null_text(out, encoder)
+        write_json_atomic(out / META_NAME, meta)
     return meta
 
 
@@ -347,9 +362,11 @@ def write_cache_part(
     shards = list(shards)
     mine = select_part(list(enumerate(shards)), num_parts, part)
     _check_added(added, settings)
-    partials, skipped = _encode_shards(mine, out, vae, encoder, settings, max_count, added)
-    if part == 0:
-        _write_null_text(out, encoder)
+    (out / PART_META.format(part=part)).unlink(missing_ok=True)  # as in write_cache
+    with reporting_no_space(out, f"part {part} of the latent cache", NO_SPACE_THEN):
+        partials, skipped = _encode_shards(mine, out, vae, encoder, settings, max_count, added)
+        if part == 0:
+            _write_null_text(out, encoder)
     record = {
         "num_parts": num_parts,
         "part": part,
@@ -358,7 +375,8 @@ def write_cache_part(
         "partials": partials,
         "skipped": skipped,
     }
-    write_json_atomic(out / PART_META.format(part=part), record)
+    with reporting_no_space(out, f"part {part} of the latent cache", NO_SPACE_THEN):
+        write_json_atomic(out / PART_META.format(part=part), record)
     return record
 
 

@@ -190,6 +190,12 @@ class BadSampleCounter:
         )
 
 
+SHARDS_NO_SPACE_THEN = (
+    "the shard in progress was removed and the summary is not written, so nothing counts as "
+    "done; free space and rerun with --overwrite"
+)
+
+
 def write_shards(
     samples: Iterable[dict],
     out_dir: str | Path,
@@ -207,12 +213,14 @@ def write_shards(
         raise ValueError(f"max_count must be >= 1 and max_size > 0, got {max_count}, {max_size}")
     import webdataset as wds  # imported here: it pulls in torch, which readers do not need
 
+    from sora_lightning.utils import reporting_no_space  # torch too
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     num_samples = 0
     pattern = str(out / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(
+    writer = wds.ShardWriter(
         pattern,
         maxcount=max_count,
         maxsize=max_size,
@@ -220,10 +228,16 @@ def write_shards(
         verbose=0,
         encoder=False,
         mtime=0.0,
-    ) as writer:
-        for sample in samples:
-            writer.write(_encode_sample(sample))
-            num_samples += 1
+    )
+    try:
+        with reporting_no_space(out, f"{prefix}-*.tar", SHARDS_NO_SPACE_THEN), writer:
+            for sample in samples:
+                writer.write(_encode_sample(sample))
+                num_samples += 1
+    except BaseException:
+        if writer.fname is not None:  # the shard in progress may be cut short: never leave it
+            Path(writer.fname).unlink(missing_ok=True)
+        raise
     if num_samples == 0:  # ShardWriter always opens one shard; an empty tar is not a shard
         for path in written:
             path.unlink(missing_ok=True)

@@ -10,13 +10,15 @@ starts, and rerunning the pipeline continues from that checkpoint.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,12 +111,44 @@ def stop_signals_forwarded() -> Iterator[StopRequests]:
             signal.signal(signum, handler)
 
 
+def _end_with_parent() -> Callable[[], None] | None:
+    """What a step's process runs before exec: it is killed when the pipeline dies (Linux prctl).
+
+    Why: a pipeline killed outright (`kill -9`, the OOM killer) cannot pass a signal on, and its
+    step would go on alone: holding RUN/vae or RUN/dit's lock, so a rerun's step is refused, or,
+    for the cache (which takes no lock and finishes before it honours SIGTERM), writing the same
+    files as the rerun's cache step. SIGKILL, not SIGTERM, so the step is surely gone at once, as
+    if the pipeline's process group had been killed; the rerun resumes training steps from their
+    newest checkpoint that verifies. libc is looked up here, in the parent: between fork and exec
+    only the call itself runs.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the pipeline died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def run_command(command: list[str], log_path: Path) -> int:
     """Run one step's command, streaming its output to the console and to its log file."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log_file:
         log_file.write(("$ " + " ".join(command) + "\n").encode())
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_end_with_parent(),
+        )
         STOPS.process = process
         if STOPS.signum is not None:  # arrived while the step was starting
             process.send_signal(STOPS.signum)

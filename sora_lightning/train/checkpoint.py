@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sora_lightning.train.weights import torch_load_safe
-from sora_lightning.utils import atomic_path, file_sha256, write_json_atomic
+from sora_lightning.utils import atomic_path, file_sha256, reporting_no_space, write_json_atomic
 
 log = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -257,6 +257,14 @@ def prune_checkpoints(
     return removed
 
 
+def _after_no_space(directory: Path) -> str:
+    """What a checkpoint write stopped by a full disk leaves that still counts, and the way on."""
+    previous = next((s.path.name for s in scan_checkpoints(directory) if s.ok), None)
+    if previous is None:
+        return "no checkpoint of this run verifies yet; free space and rerun"
+    return f"{previous} still verifies: free space and rerun, it resumes from there"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O: atomic write + manifest + retention on save; verify + weights_only on load."""
 
@@ -276,9 +284,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         manifest_path(path).unlink(
             missing_ok=True
         )  # overwriting: the old manifest no longer describes it
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
-        manifest = write_manifest(path, checkpoint)
+        with reporting_no_space(path.parent, path.name, lambda: _after_no_space(path.parent)):
+            with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+                torch.save(checkpoint, handle)  # a handle: ENOSPC stays visible as the cause
+            manifest = write_manifest(path, checkpoint)
         log.info(
             "checkpoint %s written (step %d, %d bytes, sha256 %s)",
             path,

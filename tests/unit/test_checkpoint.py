@@ -159,7 +159,7 @@ def test_failed_write_leaves_previous_checkpoints_and_no_temp(tmp_path: Path, mo
     good = save(tmp_path, 2, keep_last=1)
 
     def crash_midway(obj, target, *args, **kwargs):
-        Path(target).write_bytes(b"partial bytes")  # the temp file `atomic_path` handed out
+        target.write(b"partial bytes")  # the open temp file `atomic_path` handed out
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_midway)
