@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Linears inside each block, comma-separated, as train.yaml's lora.target_modules",
     )
     memory.add_argument("--strategy", choices=sorted(STRATEGY_BYTES), default="zero3")
-    memory.add_argument("--no-ema", action="store_true", help="leave out the EMA copy of the DiT")
+    memory.add_argument("--no-ema", action="store_true", help="leave out the EMA")
     memory.add_argument(
         "--markdown", action="store_true", help="print the rows as a Markdown table (GiB)"
     )
@@ -210,7 +210,8 @@ def memory_plan(args: argparse.Namespace) -> dict[str, object]:
         "gathered": "on >1 GPU, params adds the bf16 copies of 2 blocks (computing + prefetched)",
         "ema": "none"
         if args.no_ema
-        else "a sharded copy of the whole DiT, stored like its weights",
+        else "stored like the DiT's weights: the whole DiT in a full fine-tune; under LoRA the "
+        "adapters only (it shares the frozen base), a copy of the base too under fsdp2",
         "activations": (
             f"saved for backward, {ACTIVATION_BYTES}-byte, one clip per GPU, attention saving "
             "O(tokens) (flash/cuDNN); checkpointing: each block's input plus one block rebuilt; "

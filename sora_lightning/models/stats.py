@@ -181,8 +181,9 @@ class StateBytes:
     grads: int
     optimizer: int
     ema: int = 0
-    """The EMA: train/dit_module.py deep-copies the whole DiT (a LoRA's frozen base included),
-    sharded and stored like the DiT's own weights."""
+    """The EMA (train/lora.py `ema_twin`), sharded and stored like the DiT's own weights: a
+    copy of the whole DiT in a full fine-tune; under LoRA the adapters only, since it shares the
+    frozen base with the DiT, except under FSDP2, whose sharding gives it its own base again."""
 
     @property
     def total(self) -> int:
@@ -216,11 +217,13 @@ def state_bytes(
     trainable, frozen = (adapter_params, base) if adapter_params else (base, 0)
     gathered = 2 * ACTIVATION_BYTES * _block_params(cfg) if num_gpus > 1 else 0
     sharded = _ceil_div(weight * trainable + ACTIVATION_BYTES * frozen, num_gpus)
+    ema_copies_base = strategy == "fsdp2" or not frozen  # else it shares the frozen base
+    ema_bytes = sharded if ema_copies_base else _ceil_div(weight * trainable, num_gpus)
     return StateBytes(
         params=sharded + gathered,
         grads=_ceil_div(grad * trainable, num_gpus),
         optimizer=_ceil_div(optimizer * trainable, num_gpus),
-        ema=sharded if ema else 0,
+        ema=ema_bytes if ema else 0,
     )
 
 

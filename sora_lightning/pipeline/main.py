@@ -28,7 +28,7 @@ from sora_lightning.sample.safety import SafetyConfig
 from sora_lightning.train.main import validate
 from sora_lightning.utils import write_json_atomic
 
-PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline", "provenance", "safety", "caption")
+PIPELINE_ONLY_KEYS = ("samples", "eval", "pipeline", "provenance", "safety", "caption", "export")
 
 
 def forwarded_overrides(overrides: list[str]) -> list[str]:

@@ -5,6 +5,12 @@ Usage: python -m sora_lightning.train.export --dit RUN/dit/final --vae RUN/vae -
 The second form consolidates a sharded training checkpoint (DeepSpeed ZeRO-3 folder, FSDP2 / torch
 DCP folder) or a plain Lightning `.ckpt` into one safetensors file, with no process group needed.
 
+The text encoder that the DiT's `meta.text.path` names (a fine-tune of an imported Wan export
+names the import's text_encoder/) is carried into OUT/text_encoder, hard-linked where OUT is on
+the same file system (free, even for UMT5-XXL's 11 GB) and copied otherwise, so the export stands
+alone; `--reference-text-encoder` keeps the path instead. A null path (the bundled MiniLM, found
+through its package wherever it is installed) needs nothing.
+
 A checkpoint from someone else may carry pickled code, and both sharded formats use pickle: a DCP
 folder's `.metadata` is read with an unpickler that knows only DCP's own metadata classes, and
 DeepSpeed's loader, which would unpickle anything, runs with every `torch.load` forced to
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pickle
 import shutil
 import tempfile
@@ -38,6 +45,8 @@ from sora_lightning.train.weights import (
 )
 
 WRAPPER_PREFIXES = ("_forward_module.", "_checkpoint_wrapped_module.", "module.")
+TEXT_FOLDER = "text_encoder"
+"""Where an export keeps its text encoder (the name tools/import_weights.py uses too)."""
 
 
 def _strip(key: str) -> str:
@@ -243,6 +252,8 @@ def export_checkpoint(
     output: str | Path,
     vae_dir: str | Path | None = None,
     weights: str = "ema",
+    *,
+    copy_text_encoder: bool = True,
 ) -> Path:
     """Consolidate a (sharded) training checkpoint, then bundle it with its VAE like `export_bundle`."""
     dit, extra = consolidate_checkpoint(checkpoint, weights)
@@ -251,13 +262,64 @@ def export_checkpoint(
         raise ValueError("the checkpoint names no VAE folder; pass --vae")
     with tempfile.TemporaryDirectory() as staging:
         save_module(dit, dit.config, staging, "dit", extra)
-        return export_bundle(staging, vae_dir, output)
+        return export_bundle(staging, vae_dir, output, copy_text_encoder=copy_text_encoder)
 
 
-def export_bundle(dit_dir: str | Path, vae_dir: str | Path, output: str | Path) -> Path:
-    """Copy DiT (EMA) and VAE weights into one self-contained folder, re-pointing the VAE path.
+def _link_or_copy(source: str, target: str) -> str:
+    """A hard link where both paths are on one file system (no bytes written), else a copy."""
+    try:
+        os.link(source, target)  # follows a symlinked file (a Hugging Face cache snapshot's)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
+def carry_text_encoder(text: dict[str, Any] | None, output: Path) -> dict[str, Any] | None:
+    """`meta.text` with the encoder its `path` names carried into output/text_encoder.
+
+    A diffusers pipeline folder gives its text_encoder/ and tokenizer/ only (the layout
+    tools/import_weights.py writes); any other folder comes whole. Staged beside, then renamed
+    over an older copy, so a failed carry leaves the last one intact.
+    """
+    if not text or not text.get("path"):
+        return text
+    source = Path(str(text["path"])).expanduser().resolve()
+    target = output.resolve() / TEXT_FOLDER
+    if source == target:  # exported again into the same folder
+        return text
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"the DiT's text encoder {source} (dit.json meta.text.path) is not a folder, so it "
+            "cannot be carried into the export; pass --reference-text-encoder to keep the path"
+        )
+    staging = Path(tempfile.mkdtemp(prefix=f".{TEXT_FOLDER}.", dir=output))
+    try:
+        nested = (source / "text_encoder" / "config.json").is_file()
+        parts = ("text_encoder", "tokenizer") if nested and (source / "tokenizer").is_dir() else ()
+        for part in parts:
+            shutil.copytree(source / part, staging / part, copy_function=_link_or_copy)
+        if not parts:
+            shutil.copytree(source, staging, copy_function=_link_or_copy, dirs_exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {**text, "path": str(target)}
+
+
+def export_bundle(
+    dit_dir: str | Path,
+    vae_dir: str | Path,
+    output: str | Path,
+    *,
+    copy_text_encoder: bool = True,
+) -> Path:
+    """Copy DiT (EMA), VAE and text encoder into one self-contained folder, re-pointing paths.
 
     A LoRA run's final/ (lora.json) is exported merged: its base with the adapters folded in.
+    `copy_text_encoder=False` keeps `meta.text.path` naming the encoder where it is (module doc).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -266,6 +328,8 @@ def export_bundle(dit_dir: str | Path, vae_dir: str | Path, output: str | Path) 
     vae = load_vae(vae_dir)
     extra = {k: v for k, v in meta.items() if k != "config"}
     extra["meta"] = {**extra.get("meta", {}), "vae_dir": "."}
+    if copy_text_encoder and "text" in extra["meta"]:  # before dit.json, which names it
+        extra["meta"]["text"] = carry_text_encoder(extra["meta"]["text"], output)
     save_module(dit, dit.config, output, "dit", extra)
     save_module(
         vae,
@@ -292,13 +356,22 @@ def main(argv: list[str] | None = None) -> None:
         "--vae", help="folder with vae.safetensors + vae.json (default: the one training used)"
     )
     parser.add_argument("--output", required=True)
+    parser.add_argument(
+        "--reference-text-encoder",
+        dest="copy_text_encoder",
+        action="store_false",
+        help="name the DiT's text encoder by its path instead of carrying it into the export",
+    )
     args = parser.parse_args(argv)
+    carry = args.copy_text_encoder
     if args.checkpoint:
-        output = export_checkpoint(args.checkpoint, args.output, args.vae, args.weights)
+        output = export_checkpoint(
+            args.checkpoint, args.output, args.vae, args.weights, copy_text_encoder=carry
+        )
     elif not args.vae:
         parser.error("--dit needs --vae")
     else:
-        output = export_bundle(args.dit, args.vae, args.output)
+        output = export_bundle(args.dit, args.vae, args.output, copy_text_encoder=carry)
     print(f"exported to {output}")
 
 

@@ -87,7 +87,8 @@ def test_state_bytes_follow_the_stated_assumptions() -> None:
     assert one.ema == one.params and fsdp.ema == fsdp.params and eight.ema == -(-2 * params // 8)
     lora = state_bytes(TINY, 1, adapter_params=1000)
     assert (lora.params, lora.grads, lora.optimizer) == (2 * params + 2000, 2000, 12000)
-    assert lora.ema == lora.params  # the EMA copies the frozen base too
+    assert lora.ema == 2000  # the adapters: the EMA shares the frozen base (train/lora.py)
+    assert state_bytes(TINY, 1, "fsdp2", adapter_params=1000).ema == 2 * params + 4000  # a copy
     assert state_bytes(TINY, 1, ema=False).total == 16 * params
     with pytest.raises(ValueError, match="strategy"):
         state_bytes(TINY, 1, "zero2")
