@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sora_lightning.data.captioners import VLMAdapter, load_adapter, model_family
+from sora_lightning.data.captioners import world as world_captioner
 from sora_lightning.data.captioners.base import Clip
 from sora_lightning.data.decode import MediaError, decode_video, probe
 from sora_lightning.data.parts import resolve_part, select_part
@@ -52,7 +53,8 @@ class CaptionConfig:
     enabled: bool = False
     """Run the pipeline's caption step (after shards) and train on its captions."""
     model: str | None = None
-    """A local Hugging Face VLM folder (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision); no download."""
+    """A local Hugging Face VLM folder (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; no download), or
+    `world`: a small CNN trained in the step on the labelled clips of world alt-text shards."""
     field: str = "vlm"
     """Name of the added caption in each sample's `captions` (select it in data.caption_probs)."""
     instruction: str = DEFAULT_INSTRUCTION
@@ -80,7 +82,10 @@ class CaptionConfig:
             raise ValueError("caption.frames, size, batch_size and max_new_tokens must be >= 1")
         if not self.instruction.strip():
             raise ValueError("caption.instruction must not be empty")
-        if self.enabled and not (self.model and Path(self.model).expanduser().is_dir()):
+        folder = self.model == world_captioner.MODEL_NAME or (
+            self.model and Path(self.model).expanduser().is_dir()
+        )
+        if self.enabled and not folder:
             raise ValueError(
                 f"caption.enabled=true needs caption.model=<a local model folder>, got {self.model}"
             )
@@ -96,7 +101,9 @@ class CaptionConfig:
 
     def as_args(self) -> list[str]:
         """The CLI flags of this module that reproduce this config (the pipeline step's command)."""
-        model = str(Path(str(self.model)).expanduser().resolve())
+        model = str(self.model)
+        if model != world_captioner.MODEL_NAME:
+            model = str(Path(model).expanduser().resolve())
         args = ["--model", model, "--field", self.field, "--instruction", self.instruction]
         args += ["--frames", str(self.frames), "--size", str(self.size)]
         args += ["--batch-size", str(self.batch_size), "--dtype", self.dtype]
@@ -141,14 +148,32 @@ def uniform_indices(num_frames: int, count: int) -> list[int]:
     return [int((i + 0.5) * num_frames / count) for i in range(count)]
 
 
-def read_clip(sample: RawSample, frames: int, size: int, multiple: int) -> tuple[Clip, int]:
-    """The sample's uniformly sampled frames fitted under size^2 pixels, and frames decoded."""
+def end_indices(num_frames: int, count: int) -> list[int]:
+    """`count` frame indices spread evenly from the first frame to the last, both included.
+
+    Why: a captioner that says where an object starts and how fast it goes (the world's) must see
+    the first frame; segment middles (`uniform_indices`) start up to half a segment later.
+    """
+    count = min(count, num_frames)
+    if count == 1:
+        return [0]
+    return [round(i * (num_frames - 1) / (count - 1)) for i in range(count)]
+
+
+def read_clip(
+    sample: RawSample, frames: int, size: int, multiple: int, ends: bool = False
+) -> tuple[Clip, int]:
+    """The sample's uniformly sampled frames fitted under size^2 pixels, and frames decoded
+    (`ends`: from the first frame to the last, `end_indices`; else segment middles)."""
     total = int(sample.meta.get("frames") or 0) or probe(sample.media).num_frames
-    indices = [0] if sample.is_image else uniform_indices(max(total, 1), frames)
+    spread = end_indices if ends else uniform_indices
+    indices = [0] if sample.is_image else spread(max(total, 1), frames)
     fit = FitFrame(max_area=size * size, multiple=multiple)
     pixels, fps = decode_video(sample.media, frame_indices=indices, convert=fit, threads=1)
     sampled_fps = fps * len(indices) / total if fps > 0 and total > 0 else 0.0
-    clip = Clip(sample.key, pixels, sample.is_image or len(indices) == 1, sampled_fps)
+    still = sample.is_image or len(indices) == 1
+    total_frames = 1 if sample.is_image else total
+    clip = Clip(sample.key, pixels, still, sampled_fps, tuple(indices), total_frames)
     return clip, max(indices) + 1
 
 
@@ -212,9 +237,10 @@ class ShardCaptioner:
         pending: list[Clip] = []
         for sample in iter_shard_samples([shard], stats=stats):
             check_new_field(own_captions(sample.meta), self.config.field, f"{shard}: {sample.key}")
+            ends = bool(getattr(self.adapter, "sample_ends", False))
             try:
                 clip, read = read_clip(
-                    sample, self.config.frames, self.config.size, self.adapter.multiple
+                    sample, self.config.frames, self.config.size, self.adapter.multiple, ends
                 )
             except (MediaError, ValueError) as error:
                 log.warning("not captioning %s in %s: %s", sample.key, shard, error)
@@ -275,15 +301,21 @@ def done_record(shard: Path, out: Path, identity: dict) -> dict | None:
 
 
 def caption_shards(
-    shards: Sequence[Path], out: Path, config: CaptionConfig, identity: dict
+    shards: Sequence[Path],
+    out: Path,
+    config: CaptionConfig,
+    identity: dict,
+    adapter: VLMAdapter | None = None,
 ) -> dict[str, Any]:
-    """Caption every shard whose done record does not verify; returns counts for the report."""
+    """Caption every shard whose done record does not verify; returns counts for the report.
+    `adapter`: an already loaded captioner (the world's, trained by the step), else the VLM's."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [s for s in shards if done_record(s, out, identity) is None]
     report: dict[str, Any] = {"shards": len(shards), "already_done": len(shards) - len(todo)}
     if not todo:
         return report
-    adapter = load_adapter(str(config.model), dtype=config.dtype, device=config.device)
+    if adapter is None:
+        adapter = load_adapter(str(config.model), dtype=config.dtype, device=config.device)
     captioner = ShardCaptioner(adapter, config, identity)
     total = ShardCounts()
     for shard in todo:
@@ -372,7 +404,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", nargs="+", required=True, help="globs of webdataset .tar")
     parser.add_argument("--output", type=Path, required=True, help="folder for the captions")
     parser.add_argument(
-        "--model", required=True, help="local VLM folder (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)"
+        "--model",
+        required=True,
+        help="local VLM folder (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision), or world (trained here)",
     )
     defaults = CaptionConfig()
     for name in ("field", "instruction", "frames", "size", "batch_size", "dtype", "device"):
@@ -386,6 +420,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _world(
+    shards: Sequence[Path], out: Path, config: CaptionConfig, num_parts: int | None
+) -> tuple[VLMAdapter, dict]:
+    """`--model world`: the captioner trained on every shard's labelled clips (OUT/world_model/,
+    reused while its record names the same shards), and its identity. Array parts would each
+    train their own, so they need it trained first by one run without --num-parts."""
+    folder = out / "world_model"
+    if num_parts is not None and not (folder / world_captioner.RECORD).is_file():
+        raise ValueError(
+            f"--model world with --num-parts needs {folder} trained first: run the caption "
+            "command once without --num-parts (it trains, then captions)"
+        )
+
+    def read(sample: RawSample) -> Clip:
+        return read_clip(sample, config.frames, config.size, 1, ends=True)[0]
+
+    captioner = world_captioner.train_or_load(shards, folder, read, config.frames, config.size)
+    identity = world_captioner.world_identity(
+        captioner, config.field, config.instruction, config.frames
+    )
+    return captioner, identity
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m sora_lightning.data.captioning --shards GLOB --output DIR --model DIR`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -393,14 +450,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     fields = set(CaptionConfig.__dataclass_fields__) - {"enabled", "model"}
     config = CaptionConfig(model=args.model, **{k: getattr(args, k) for k in fields})
     shards = find_shards(args.shards)
-    identity = caption_identity(config)
+    adapter: VLMAdapter | None = None
+    if config.model == world_captioner.MODEL_NAME:
+        adapter, identity = _world(shards, args.output, config, args.num_parts)
+    else:
+        identity = caption_identity(config)
     if args.merge:
         meta = write_meta(shards, args.output, identity)
         print(json.dumps({k: meta[k] for k in ("source", "field", "num_captioned")}, indent=2))
         return 0
     part = resolve_part(args.num_parts, args.part, names=("--num-parts", "--part"))
     mine = select_part(shards, args.num_parts, part) if part is not None else shards
-    report = caption_shards(mine, args.output, config, identity)
+    report = caption_shards(mine, args.output, config, identity, adapter)
     if part is None:
         report["source"] = write_meta(shards, args.output, identity)["source"]
     print(json.dumps(report, indent=2))

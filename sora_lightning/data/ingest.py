@@ -136,6 +136,10 @@ class Outcome(NamedTuple):
     caption: bool = False
 
 
+WORLD_CAPTIONS = ("full", "alt_text")
+"""World caption modes: the grammar's short + detailed captions, or terse web-style alt-text."""
+
+
 def _output(out_dir: str | Path, options: dict) -> Output:
     return Output(Path(out_dir), **options)
 
@@ -149,6 +153,8 @@ def shards_from_world(
     clip_lengths: Sequence[int] | None = None,
     max_objects: int = 3,
     speed_scale: float = 1.0,
+    captions: str = "full",
+    labelled_fraction: float = 0.1,
     **options: object,
 ) -> dict:
     """Render `num_clips` clips and `num_images` images of the embedded world (train split) into shards.
@@ -159,8 +165,16 @@ def shards_from_world(
     num_parts-th sample of that interleaved order. `max_objects` and `speed_scale` configure the
     world (`world.sample_scene`; the CPU demo uses one fast object). `options` are the fields of `Output`
     (max_count, max_size, overwrite, progress, workers, num_parts, part).
+    `captions`: "full" (short + detailed, the scene's truth in the record) or "alt_text" (terse
+    web-style alt-text only; `labelled_fraction` of samples, by a hash of the key, keep the
+    scene's truth for a captioner to learn from, the rest carry none: see `world_scene`).
     """
     output = _output(out_dir, options)
+    if captions not in WORLD_CAPTIONS or not 0.0 <= labelled_fraction <= 1.0:
+        raise ValueError(
+            f"captions must be one of {WORLD_CAPTIONS} and labelled_fraction in [0, 1], got "
+            f"{captions!r} and {labelled_fraction}"
+        )
     if num_clips < 0 or num_images < 0 or num_clips + num_images == 0:
         raise ValueError(
             f"need a positive total of clips and images, got {num_clips} and {num_images}"
@@ -174,8 +188,11 @@ def shards_from_world(
     request = {"world_clips": num_clips, "world_images": num_images, "seed": seed}
     request.update(clip_lengths=list(lengths), max_objects=max_objects, speed_scale=speed_scale)
     scenes = {"max_objects": max_objects, "speed_scale": speed_scale}
+    if captions != "full":  # a request without these keys stays the one older runs recorded
+        request.update(captions=captions, labelled_fraction=labelled_fraction)
     world.sample_scene(np.random.default_rng(0), num_frames=max(lengths), **scenes)  # fail fast
-    work = functools.partial(_world_job, seed=seed, lengths=lengths, scenes=scenes)
+    labels = (captions, labelled_fraction)
+    work = functools.partial(_world_job, seed=seed, lengths=lengths, scenes=scenes, labels=labels)
     return _ingest(jobs, work, output, "world", request)
 
 
@@ -187,29 +204,58 @@ def _interleave(clips: list, images: list) -> list:
 
 
 def _world_job(
-    job: tuple[str, int], *, seed: int, lengths: Sequence[int], scenes: dict[str, Any]
+    job: tuple[str, int],
+    *,
+    seed: int,
+    lengths: Sequence[int],
+    scenes: dict[str, Any],
+    labels: tuple[str, float] = ("full", 0.0),
 ) -> Outcome:
     kind, index = job
-    return Outcome(_world_sample(kind, index, seed, lengths, scenes))
+    return Outcome(_world_sample(kind, index, seed, lengths, scenes, labels))
+
+
+def world_scene(
+    kind: str, index: int, seed: int, lengths: Sequence[int], scenes: dict[str, Any]
+) -> world.Scene:
+    """The scene of world sample (kind, index): regenerated from the seed, so a measurement can
+    know the truth of alt-text samples whose records do not carry it."""
+    rng = np.random.default_rng([seed, 0 if kind == "clip" else 1, index])
+    num_frames = int(rng.choice(lengths)) if kind == "clip" else 1
+    return world.sample_scene(rng, num_frames=num_frames, resolution=None, split="train", **scenes)
+
+
+def is_labelled(key: str, fraction: float) -> bool:
+    """Whether an alt-text world sample keeps its truth: a salted hash of the key, independent of
+    the validation split (`sources.is_held_out` hashes the bare key)."""
+    digest = hashlib.sha256(f"labelled:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def _world_sample(
-    kind: str, index: int, seed: int, lengths: Sequence[int], scenes: dict[str, Any]
+    kind: str,
+    index: int,
+    seed: int,
+    lengths: Sequence[int],
+    scenes: dict[str, Any],
+    labels: tuple[str, float] = ("full", 0.0),
 ) -> dict:
     """Render one world scene and encode it like a real file (mp4 clip or png image)."""
-    rng = np.random.default_rng([seed, 0 if kind == "clip" else 1, index])
-    num_frames = int(rng.choice(lengths)) if kind == "clip" else 1
-    scene = world.sample_scene(rng, num_frames=num_frames, resolution=None, split="train", **scenes)
+    scene = world_scene(kind, index, seed, lengths, scenes)
     frames = world.render(scene)  # T H W 3
     if kind == "clip":
         ext, media = "mp4", encode_mp4(frames, fps=scene.fps)
     else:
         ext, media = "png", encode_png(frames[0])
+    key = f"world_{kind}{index:07d}"
     captions = {"short": world.short_prompt(scene), "detailed": world.detailed_caption(scene)}
-    meta = make_meta(
-        probe(media), captions["detailed"], captions, scene=scene.to_dict(), source="world"
-    )
-    return {"__key__": f"world_{kind}{index:07d}", ext: media, "json": meta}
+    truth: dict | None = scene.to_dict()
+    if labels[0] == "alt_text":
+        captions = {"alt_text": world.alt_text(scene)}
+        truth = truth if is_labelled(key, labels[1]) else None  # None: no "scene" in the record
+    caption = captions.get("detailed", captions.get("alt_text", ""))
+    meta = make_meta(probe(media), caption, captions, scene=truth, source="world")
+    return {"__key__": key, ext: media, "json": meta}
 
 
 def make_meta(info: MediaInfo, caption: str, captions: dict | None = None, **extra: object) -> dict:
@@ -767,6 +813,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--world-speed-scale", type=float, default=1.0, help="multiplier on world object speeds"
     )
     parser.add_argument(
+        "--world-captions", choices=WORLD_CAPTIONS, default="full", help="full or alt_text only"
+    )
+    parser.add_argument(
+        "--world-labelled-fraction",
+        type=float,
+        default=0.1,
+        help="alt_text: share of samples (by key hash) that keep the scene's truth",
+    )
+    parser.add_argument(
         "--output", type=Path, required=True, help="output folder for shards and summary.json"
     )
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
@@ -819,6 +874,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             clip_lengths=args.world_clip_lengths,
             max_objects=args.world_max_objects,
             speed_scale=args.world_speed_scale,
+            captions=args.world_captions,
+            labelled_fraction=args.world_labelled_fraction,
             **common,
         )
     elif args.input is not None:

@@ -45,6 +45,10 @@ class DatasetConfig:
     """world: at most this many objects per scene (1 to 3)."""
     speed_scale: float = 1.0
     """world: multiplier on object speeds (further per frame, so motion is more of each clip)."""
+    captions: str = "full"
+    """world: "full" (short + detailed captions) or "alt_text" (terse web-style alt-text only)."""
+    labelled_fraction: float = 0.1
+    """world, alt_text: share of samples (by key hash) whose record keeps the scene's truth."""
     shard_max_count: int = 500
     """Samples per written shard."""
     workers: int = 1
@@ -69,6 +73,11 @@ class DatasetConfig:
             )
         if self.name not in SOURCES:
             raise ValueError(f"dataset.name={self.name!r} is not one of {SOURCES}")
+        if self.captions not in ("full", "alt_text") or not 0.0 <= self.labelled_fraction <= 1.0:
+            raise ValueError(
+                f"dataset.captions must be full or alt_text and dataset.labelled_fraction in "
+                f"[0, 1], got {self.captions!r} and {self.labelled_fraction}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"dataset.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_max_count < 1 or self.workers < 1:

@@ -445,6 +445,11 @@ def _position_words(x0: float, y0: float) -> str:
     return "in the centre"
 
 
+def position_words(x0: float, y0: float) -> str:
+    """The words a detailed caption uses for a start position (x0, y0 fractions of the frame)."""
+    return _position_words(x0, y0)
+
+
 def _detailed_motion(obj: ObjectSpec) -> str:
     if obj.motion in _DIRECTIONS:
         return f"moves {_SPEED_WORDS[obj.speed]} {_DIRECTION_WORDS[obj.motion]}"
@@ -463,6 +468,23 @@ def detailed_caption(scene: Scene) -> str:
         parts.append(text if image else f"{text} that {_detailed_motion(obj)}")
     medium = "An image" if image else "A video"
     return f"{medium} of {', and '.join(parts)}, on {_article(scene.background)} {scene.background} background."
+
+
+def main_object(scene: Scene) -> ObjectSpec:
+    """The scene's most prominent object: the largest base size, the first drawn on a tie.
+
+    Why: terse web alt-text names one subject, and the world captioner (data/captioners/world.py)
+    describes that same object in clips with several.
+    """
+    order = list(SIZES)
+    return max(scene.objects, key=lambda obj: order.index(obj.size))
+
+
+def alt_text(scene: Scene) -> str:
+    """Terse alt-text as web data carries it, e.g. "red circle clip": the main object's colour
+    and shape and the medium, nothing on motion, size, place, background or other objects."""
+    obj = main_object(scene)
+    return f"{obj.colour} {obj.shape} {'image' if scene.num_frames == 1 else 'clip'}"
 
 
 # ----------------------------------------------------------------------------- prompt parsing

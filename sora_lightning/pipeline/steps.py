@@ -213,6 +213,9 @@ def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     if dataset.name == "world":
         seed += ["--world-max-objects", str(dataset.max_objects)]
         seed += ["--world-speed-scale", str(dataset.speed_scale)]
+        if dataset.captions != "full":  # the default run's command (and step hash) stays as it was
+            seed += ["--world-captions", dataset.captions]
+            seed += ["--world-labelled-fraction", str(dataset.labelled_fraction)]
         if dataset.clip_lengths:
             seed += ["--world-clip-lengths", ",".join(map(str, dataset.clip_lengths))]
     return [*PY, "sora_lightning.data.ingest", *source, *seed, *common]
@@ -369,6 +372,9 @@ def _signing(cfg: DictConfig) -> list[str]:
 
 
 def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
+    """export/ carries the DiT's text encoder (a fine-tune's: the imported export's text_encoder/)
+    unless `export.copy_text_encoder=false`, which keeps its path (train/export.py)."""
+    carry = (cfg.get("export") or {}).get("copy_text_encoder", True)
     return [
         *PY,
         "sora_lightning.train.export",
@@ -378,6 +384,7 @@ def _export(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
         str(vae_dir(cfg, run)),
         "--output",
         str(run / "export"),
+        *([] if carry else ["--reference-text-encoder"]),  # the default command stays as it was
     ]
 
 

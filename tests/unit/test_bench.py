@@ -115,3 +115,66 @@ def test_edit_colour_reads_edits_and_keeps_the_clip_at_strength_zero(
     assert printed_json(capsys) == result
     assert result["clips"] == 2 and set(result["by_strength"]) == {"0.0", "1.0"}
     assert result["max_pixel_gap_at_0"] <= 1.0  # the clip's own latents, decoded
+
+
+def test_train_vs_bench_times_bare_steps_and_compares_mfus() -> None:
+    """The bare step trains (weights move), and the MFU ratio is the step-time ratio on equal
+    FLOPs, training's first (warm-up) step left out as the breakdown leaves it out."""
+    import torch
+
+    from sora_lightning.data.packing import pack_samples
+    from sora_lightning.models.dit import DiTConfig
+
+    bench = load_bench("train_vs_bench")
+    config = DiTConfig(
+        in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=8
+    )
+    packs = [
+        pack_samples(
+            [torch.randn(4, 1, 4, 4), torch.randn(4, 2, 4, 6)],
+            [torch.randn(3, 8), torch.randn(5, 8)],
+            (1, 2, 2),
+            capacity=64,
+        )
+        for _ in range(2)
+    ]
+    dit, optimizer = bench.bench_model(config)
+    before = [p.detach().clone() for p in dit.parameters()]
+    times = bench.time_bare_steps(dit, optimizer, packs, bench.CLOCKS["process"])
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    assert any(not torch.equal(a, b) for a, b in zip(before, dit.parameters(), strict=True))
+    flops = bench.pack_flops(config, packs[0])
+    assert flops > 0
+    summary = {
+        "first_steps_s": [9.0],
+        "mean_step_s": 2.0,
+        "steps": 2,
+        "seconds": {"forward": 1.0, "backward": 2.0, "optimizer": 0.6},
+        "overhead_fraction": 0.1,
+        "fraction": {},
+    }
+    result = bench.compare(summary, [10 * flops, flops, flops], [1.0, 1.0], [flops, flops], 1e9)
+    assert result["ratio"] == pytest.approx(0.5)
+    assert result["train_compute_step_s"] == pytest.approx(1.8)
+
+
+def test_wan_parity_reports_each_case_within_its_tolerance(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The cheap groups (no saved pipeline folder): differences measured, tolerances the tests'."""
+    pytest.importorskip("diffusers")
+    result = load_bench("wan_parity").main(["--groups", "dit,umt5", "--threads", "1"])
+    assert printed_json(capsys) == json.loads(json.dumps(result))
+    cases = result["cases"]
+    assert set(cases) == {
+        "dit_one_sample",
+        "dit_one_sample_patch213",
+        "dit_packed",
+        "umt5_states_512",
+        "umt5_states_8",
+    }
+    assert result["all_within_tolerance"] and all(c["atol"] == 1e-5 for c in cases.values())
+    assert 0 < cases["dit_packed"]["max_abs"] < 1e-5  # float32 rounding, not bit-identical
+    assert cases["umt5_states_8"]["test"].startswith("tests/unit/test_umt5_text.py::")
+    with pytest.raises(SystemExit):
+        load_bench("wan_parity").main(["--groups", "dit,nope"])

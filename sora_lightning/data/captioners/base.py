@@ -23,6 +23,10 @@ class Clip:
     """A still image (one frame), captioned as an image rather than a video."""
     sampled_fps: float = 0.0
     """Frames per second of the sampled frames (Qwen2.5-VL spaces video time positions by it)."""
+    indices: tuple[int, ...] = ()
+    """Which frames of the clip were sampled (the world captioner reads motion per frame by them)."""
+    total_frames: int = 0
+    """Frames in the whole clip (1 for an image; 0: not known)."""
 
 
 class VLMAdapter(Protocol):

@@ -1,0 +1,364 @@
+"""The world captioner: a small CNN trained in the pipeline on the labelled clips of alt-text shards.
+
+Why: DALL-E 3's claim (descriptive synthetic captions beat alt-text) should be shown on the
+embedded world, not assumed. `dataset.captions=alt_text` writes shards whose only caption is
+terse alt-text ("red circle clip"); a labelled fraction keeps the scene's truth in its record.
+`caption.model=world` trains `models/world_captioner.py` on those records (nothing else is read:
+unlabelled records carry no truth) and writes the world's detailed caption of every sample from
+the predicted attributes, like a VLM would.
+
+One object per caption: the scene's main object (`world.main_object`: the largest, the first
+drawn on a tie), the same one the alt-text names. Other objects of multi-object clips are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from sora_lightning.data import world
+from sora_lightning.data.captioners.base import Clip
+from sora_lightning.data.shards import RawSample, iter_shard_samples
+from sora_lightning.models.world_captioner import HEADS, WorldCaptionerConfig, WorldCaptionerNet
+from sora_lightning.utils import combined_hash, file_sha256, write_json_atomic
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "world"
+"""`caption.model=world` picks this captioner instead of a VLM folder."""
+WEIGHTS = "model.safetensors"
+RECORD = "train.json"
+VOCAB: dict[str, tuple[str, ...]] = {
+    "colour": tuple(world.COLOURS),
+    "shape": world.SHAPES,
+    "size": tuple(world.SIZES),
+    "motion": world.MOTIONS,
+    "speed": tuple(world.SPEEDS),
+    "background": tuple(world.BACKGROUNDS),
+}
+TRANSLATIONS = ("left", "right", "up", "down")
+_FLIP = {"left": "right", "right": "left"}
+
+
+@dataclass(frozen=True)
+class WorldTrainConfig:
+    """How the world captioner is trained on the labelled clips."""
+
+    steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Clips per step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (cosine decay to 0)."""
+    seed: int = 0
+    """Initialisation and batch order."""
+    position_weight: float = 20.0
+    """Weight of the L1 loss on the start position (fractions) against the cross-entropies."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {self}")
+
+
+@dataclass
+class Batch:
+    """Clips as the network takes them (see `WorldCaptionerNet.forward`)."""
+
+    pixels: torch.Tensor
+    progress: torch.Tensor
+    aux: torch.Tensor
+
+
+def clip_tensors(clips: Sequence[Clip], frames: int, side: int) -> Batch:
+    """Clips -> resized float frames, padded to `frames` by repeating the last one."""
+    pixels, progress, aux = [], [], []
+    for clip in clips:
+        video = torch.from_numpy(np.ascontiguousarray(clip.frames)).permute(0, 3, 1, 2).float()
+        height, width = video.shape[-2:]
+        video = F.interpolate(video / 255, size=(side, side), mode="bilinear", antialias=True)
+        total = max(clip.total_frames, 1)
+        indices = list(clip.indices) or list(range(len(clip.frames)))
+        times = [i / (total - 1) if total > 1 else 0.0 for i in indices]
+        pad = frames - len(times)
+        if pad < 0:
+            raise ValueError(f"{clip.key}: {len(times)} frames, the captioner takes {frames}")
+        pixels.append(torch.cat([video, video[-1:].expand(pad, -1, -1, -1)]))
+        progress.append(torch.tensor(times + times[-1:] * pad))
+        aux.append(torch.tensor([width / height, float(total - 1), float(total == 1)]))
+    return Batch(torch.stack(pixels), torch.stack(progress).float(), torch.stack(aux))
+
+
+def _track(scene: world.Scene, clip: Clip, frames: int) -> list[list[float]]:
+    """The main object's centre (fractions) at each sampled frame, padded like `clip_tensors`."""
+    obj = world.main_object(scene)
+    centre_x, centre_y, _, _ = world._trajectory(obj, scene.width, scene.height, scene.num_frames)
+    indices = list(clip.indices) or [0]
+    indices += indices[-1:] * (frames - len(indices))
+    return [[centre_x[i] / scene.width, centre_y[i] / scene.height] for i in indices]
+
+
+def scene_targets(
+    scenes: Sequence[world.Scene], clips: Sequence[Clip], frames: int, side: int
+) -> dict[str, torch.Tensor]:
+    """Class indices of each scene's main object (-100 where a head has no truth: the motion of
+    an image, the speed of an untranslated object), and its centre at every sampled frame (so
+    the attention is taught where the object is in each frame, not only in the first)."""
+    rows: dict[str, list] = {name: [] for name in [*HEADS, "position"]}
+    for scene, clip in zip(scenes, clips, strict=True):
+        obj = world.main_object(scene)
+        image = scene.num_frames == 1
+        for name in ("colour", "shape", "size"):
+            rows[name].append(VOCAB[name].index(getattr(obj, name)))
+        rows["background"].append(VOCAB["background"].index(scene.background))
+        rows["motion"].append(-100 if image else VOCAB["motion"].index(obj.motion))
+        moving = not image and obj.motion in TRANSLATIONS
+        rows["speed"].append(VOCAB["speed"].index(obj.speed) if moving else -100)
+        rows["position"].append(_track(scene, clip, frames))
+    out = {name: torch.tensor(rows[name]) for name in HEADS}
+    out["position"] = torch.tensor(rows["position"], dtype=torch.float32)
+    out["mask"] = torch.stack(
+        [_mask(sc, c, frames, side) for sc, c in zip(scenes, clips, strict=True)]
+    )
+    return out
+
+
+def _mask(scene: world.Scene, clip: Clip, frames: int, side: int) -> torch.Tensor:
+    """The main object's coverage [K, side, side] at the sampled frames (what occupancy learns)."""
+    obj = world.main_object(scene)
+    cover = world._coverage(obj, scene.width, scene.height, scene.num_frames)  # T H W
+    indices = list(clip.indices) or [0]
+    indices += indices[-1:] * (frames - len(indices))
+    picked = torch.from_numpy(cover[indices]).unsqueeze(1)  # K 1 H W
+    return F.interpolate(picked, size=(side, side), mode="area")[:, 0]
+
+
+def _flip(batch: Batch, targets: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple:
+    """Mirror the masked clips left-right (x -> 1 - x, left <-> right): twice the layouts."""
+    pixels = torch.where(mask.view(-1, 1, 1, 1, 1), batch.pixels.flip(-1), batch.pixels)
+    flipped = dict(targets)
+    position = targets["position"].clone()  # B K 2
+    position[mask, :, 0] = 1 - position[mask, :, 0]
+    flipped["position"] = position
+    flipped["mask"] = torch.where(mask.view(-1, 1, 1, 1), targets["mask"].flip(-1), targets["mask"])
+    motion = targets["motion"].clone()
+    for src, dst in _FLIP.items():
+        motion[mask & (targets["motion"] == VOCAB["motion"].index(src))] = VOCAB["motion"].index(
+            dst
+        )
+    flipped["motion"] = motion
+    return Batch(pixels, batch.progress, batch.aux), flipped
+
+
+def loss_fn(
+    out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], position_weight: float
+) -> torch.Tensor:
+    """Sum of cross-entropies (ignoring -100) plus the weighted L1 of the start position."""
+    total = position_weight * F.l1_loss(out["track"], targets["position"])
+    total = total + F.binary_cross_entropy_with_logits(out["occupancy"], targets["mask"])
+    for name in HEADS:
+        if (targets[name] != -100).any():
+            total = total + F.cross_entropy(out[name], targets[name], ignore_index=-100)
+    return total
+
+
+def train_net(
+    batch: Batch,
+    targets: dict[str, torch.Tensor],
+    net_config: WorldCaptionerConfig,
+    config: WorldTrainConfig,
+) -> tuple[WorldCaptionerNet, dict[str, float]]:
+    """Train a fresh network on the labelled clips (all of them, mirrored at random)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    net = WorldCaptionerNet(net_config)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
+    )
+    count, start, loss = len(batch.pixels), time.perf_counter(), torch.tensor(0.0)
+    for _ in range(config.steps):
+        picked = torch.randint(count, (min(config.batch_size, count),), generator=generator)
+        mask = torch.rand(len(picked), generator=generator) < 0.5
+        part = Batch(batch.pixels[picked], batch.progress[picked], batch.aux[picked])
+        part, truth = _flip(part, {k: v[picked] for k, v in targets.items()}, mask)
+        loss = loss_fn(net(part.pixels, part.progress, part.aux), truth, config.position_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return net.eval(), {"seconds": time.perf_counter() - start, "final_loss": float(loss.detach())}
+
+
+def predict(net: WorldCaptionerNet, batch: Batch) -> list[dict[str, Any]]:
+    """Attributes of each clip's main object (the class with the highest logit; x0, y0)."""
+    with torch.inference_mode():
+        out = net(batch.pixels, batch.progress, batch.aux)
+    picks = {name: out[name].argmax(-1).tolist() for name in HEADS}
+    rows = []
+    for index, (x0, y0) in enumerate(out["position"].tolist()):
+        row: dict[str, Any] = {name: VOCAB[name][picks[name][index]] for name in HEADS}
+        rows.append({**row, "x0": float(x0), "y0": float(y0)})
+    return rows
+
+
+def caption_from(attrs: dict[str, Any], clip: Clip) -> str:
+    """The world's detailed caption of a one-object scene with the predicted attributes."""
+    image = clip.is_image or clip.total_frames <= 1
+    motion = "still" if image else attrs["motion"]
+    if attrs["shape"] == "circle" and motion == "rotate":
+        motion = "still"  # a turning circle looks still; the world has no circle+rotate
+    obj = world.ObjectSpec(
+        attrs["shape"],
+        attrs["colour"],
+        attrs["size"],
+        motion,
+        attrs["speed"],
+        attrs["x0"],
+        attrs["y0"],
+    )
+    height, width = clip.frames.shape[1:3]
+    scene = world.Scene((obj,), attrs["background"], width, height, 1 if image else 2)
+    return world.detailed_caption(scene)
+
+
+class WorldCaptioner:
+    """A trained world captioner with the VLM adapters' interface (`captioners.base.VLMAdapter`)."""
+
+    family = MODEL_NAME
+    multiple = 1
+    sample_ends = True  # `captioning.read_clip(ends=True)`: the first frame is where it starts
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, net: WorldCaptionerNet, frames: int, weights_hash: str) -> None:
+        self.net, self.frames, self.weights_hash = net.eval(), frames, weights_hash
+
+    def attributes(self, clips: list[Clip]) -> list[dict[str, Any]]:
+        """Predicted attributes of each clip's main object."""
+        return predict(self.net, clip_tensors(clips, self.frames, self.net.config.side))
+
+    def caption(self, clips: list[Clip], instruction: str, max_new_tokens: int) -> list[str]:
+        """One detailed caption per clip (the instruction and token budget do not change it)."""
+        del instruction, max_new_tokens
+        attrs = self.attributes(clips)
+        return [caption_from(a, c) for a, c in zip(attrs, clips, strict=True)]
+
+    def save(self, folder: Path, record: dict[str, Any]) -> None:
+        """Weights, then the record naming their hash (a record means the weights are whole)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.net.state_dict(), str(folder / WEIGHTS))
+        self.weights_hash = file_sha256(folder / WEIGHTS)
+        write_json_atomic(folder / RECORD, {**record, "weights_sha256": self.weights_hash})
+
+    @classmethod
+    def load(cls, folder: Path) -> WorldCaptioner:
+        """A saved captioner; refused when its weights are not the ones its record names."""
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        if file_sha256(folder / WEIGHTS) != record["weights_sha256"]:
+            raise ValueError(f"{folder / WEIGHTS} is not the file {RECORD} names: retrain")
+        net = WorldCaptionerNet(WorldCaptionerConfig(**record["net"]))
+        net.load_state_dict(load_file(str(folder / WEIGHTS)))
+        return cls(net, int(record["frames"]), record["weights_sha256"])
+
+
+def labelled_examples(
+    shards: Sequence[Path], read: Callable[[RawSample], Clip]
+) -> tuple[list[Clip], list[world.Scene]]:
+    """The clips whose records keep the scene's truth (alt-text shards' labelled fraction);
+    `read` decodes a sample as the caption step will (`captioning.read_clip`, which imports
+    this module, so it is passed in)."""
+    clips, scenes = [], []
+    for sample in iter_shard_samples([str(s) for s in shards]):
+        if "scene" not in sample.meta:
+            continue
+        clips.append(read(sample))
+        scenes.append(world.Scene.from_dict(sample.meta["scene"]))
+    return clips, scenes
+
+
+def train_or_load(
+    shards: Sequence[Path],
+    folder: Path,
+    read: Callable[[RawSample], Clip],
+    frames: int,
+    size: int,
+    config: WorldTrainConfig | None = None,
+) -> WorldCaptioner:
+    """The captioner trained on these shards' labelled clips: loaded from `folder` when its record
+    names the same shards (by sha256), frames and size (whatever recipe trained it: its weights
+    hash is in the captions' identity), else trained now with `config` and saved there."""
+    config = config or WorldTrainConfig()
+    net_config = WorldCaptionerConfig()
+    wanted = {"shards": [file_sha256(s) for s in shards], "frames": frames, "size": size}
+    path = folder / RECORD
+    if path.is_file():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if {k: record.get(k) for k in wanted} == wanted:
+            return WorldCaptioner.load(folder)
+    clips, scenes = labelled_examples(shards, read)
+    if len(clips) < 8:
+        raise ValueError(
+            f"caption.model=world found {len(clips)} labelled samples in the shards (records with a "
+            "'scene'): write them with dataset.captions=alt_text and dataset.labelled_fraction > 0"
+        )
+    net, stats = train_net(
+        clip_tensors(clips, frames, net_config.side),
+        scene_targets(scenes, clips, frames, net_config.side),
+        net_config,
+        config,
+    )
+    log.info("world captioner: %d labelled samples, %.1f s", len(clips), stats["seconds"])
+    captioner = WorldCaptioner(net, frames, "")
+    record = {**wanted, "train": asdict(config), "net": asdict(net_config)}
+    captioner.save(folder, {**record, "labelled": len(clips), **stats})
+    return captioner
+
+
+def world_identity(captioner: WorldCaptioner, field: str, instruction: str, frames: int) -> dict:
+    """The captions' identity (as `captioning.caption_identity` gives a VLM's)."""
+    return {
+        "model_hash": combined_hash(captioner.weights_hash),
+        "family": MODEL_NAME,
+        "field": field,
+        "instruction": instruction,
+        "frames": frames,
+        "sampling": "ends",
+    }
+
+
+def accuracy(
+    predicted: Sequence[dict[str, Any]], scenes: Sequence[world.Scene]
+) -> dict[str, float | int]:
+    """Per-attribute accuracy against the scenes' main objects: colour, shape, size, background
+    and position (the caption's 3x3 grid words) over all; motion over clips; speed over
+    translated clips; `caption` the share whose whole detailed caption is right."""
+    hits: dict[str, list[bool]] = {n: [] for n in [*HEADS, "position", "caption"]}
+    for attrs, scene in zip(predicted, scenes, strict=True):
+        obj = world.main_object(scene)
+        image = scene.num_frames == 1
+        right = {name: attrs[name] == getattr(obj, name) for name in ("colour", "shape", "size")}
+        right["background"] = attrs["background"] == scene.background
+        guess = world.position_words(attrs["x0"], attrs["y0"])
+        right["position"] = guess == world.position_words(obj.x0, obj.y0)
+        if not image:
+            right["motion"] = attrs["motion"] == obj.motion
+        if not image and obj.motion in TRANSLATIONS:
+            right["speed"] = attrs["speed"] == obj.speed
+        for name, value in right.items():
+            hits[name].append(value)
+        hits["caption"].append(all(right.values()))
+    result: dict[str, float | int] = {
+        name: float(np.mean(values)) if values else float("nan") for name, values in hits.items()
+    }
+    result["count"] = len(predicted)
+    return result

@@ -1,0 +1,180 @@
+"""Alt-text world shards, the world captioner trained on their labelled fraction, and the caption
+step writing its detailed captions beside the alt-text (issue 20: prove recaptioning on the world)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from sora_lightning.config import CONFIG_MODULE
+from sora_lightning.data import captioning, ingest, world
+from sora_lightning.data.captioners import world as world_captioner
+from sora_lightning.data.captioners.base import Clip
+from sora_lightning.data.captioning import CaptionConfig, read_clip
+from sora_lightning.data.shards import RawSample, iter_shard_samples
+from sora_lightning.data.sources import DatasetConfig
+from sora_lightning.utils import file_sha256
+
+SCENES = {"max_objects": 1, "speed_scale": 1.0}
+LENGTHS = (5, 9, 17, 33)
+
+
+def _alt_shards(out: Path, clips: int, images: int, fraction: float) -> list[Path]:
+    ingest.shards_from_world(
+        out,
+        num_clips=clips,
+        num_images=images,
+        seed=0,
+        max_objects=1,
+        captions="alt_text",
+        labelled_fraction=fraction,
+        max_count=200,
+        progress=False,
+    )
+    return sorted(out.glob("*.tar"))
+
+
+def _read(sample: RawSample) -> Clip:
+    """As the caption step reads a sample for the world captioner (8 frames, ends included)."""
+    return read_clip(sample, 8, 448, 1, ends=True)[0]
+
+
+def _truth(key: str) -> world.Scene:
+    kind = "clip" if key.startswith("world_clip") else "image"
+    return ingest.world_scene(kind, int(key[-7:]), 0, LENGTHS, SCENES)
+
+
+@pytest.fixture(scope="module")
+def alt_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return _alt_shards(tmp_path_factory.mktemp("alt") / "shards", 40, 8, 0.5)
+
+
+def test_alt_text_shards_keep_truth_only_for_the_labelled_fraction(alt_shards: list[Path]) -> None:
+    samples = list(iter_shard_samples([str(s) for s in alt_shards]))
+    assert len(samples) == 48
+    labelled = [s for s in samples if "scene" in s.meta]
+    assert 0 < len(labelled) < len(samples)
+    for sample in samples:
+        truth = _truth(sample.key)
+        assert sample.meta["captions"] == {"alt_text": world.alt_text(truth)}
+        assert sample.meta["caption"] == world.alt_text(truth)
+        assert ("scene" in sample.meta) == ingest.is_labelled(sample.key, 0.5)
+        if "scene" in sample.meta:
+            assert world.Scene.from_dict(sample.meta["scene"]) == truth
+    medium = {s.meta["caption"].rsplit(" ", 1)[1] for s in samples}
+    assert medium == {"clip", "image"}
+
+
+def test_alt_text_names_the_largest_object() -> None:
+    small = world.ObjectSpec("circle", "red", "small", "left", "slow", 0.3, 0.5)
+    large = world.ObjectSpec("square", "blue", "large", "up", "slow", 0.7, 0.5)
+    scene = world.Scene((small, large), "black", 64, 48, 9)
+    assert world.alt_text(scene) == "blue square clip"
+    assert world.alt_text(world.Scene((small,), "gray", 64, 48, 1)) == "red circle image"
+
+
+def test_dataset_and_pipeline_pass_the_caption_mode() -> None:
+    from sora_lightning.pipeline.steps import steps_for
+
+    with pytest.raises(ValueError, match="dataset.captions"):
+        DatasetConfig(captions="web")
+    on = ["dataset.captions=alt_text", "dataset.labelled_fraction=0.2"]
+    on += ["caption.enabled=true", "caption.model=world"]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        plain = compose("pipeline", overrides=["experiment=tiny"])
+        cfg = compose("pipeline", overrides=["experiment=tiny", *on])
+    run = Path("/tmp/run")
+    plain_shards = {s.name: s for s in steps_for(plain)}["shards"].command(plain, run, [])
+    assert "--world-captions" not in plain_shards  # the default run's command is unchanged
+    steps = {s.name: s for s in steps_for(cfg)}
+    shards = steps["shards"].command(cfg, run, [])
+    assert shards[shards.index("--world-captions") + 1] == "alt_text"
+    assert shards[shards.index("--world-labelled-fraction") + 1] == "0.2"
+    caption = steps["caption"].command(cfg, run, [])
+    assert caption[caption.index("--model") + 1] == "world"
+    assert CaptionConfig.from_config(cfg.caption).enabled
+
+
+def test_caption_step_writes_world_captions_beside_the_alt_text(
+    alt_shards: list[Path], tmp_path: Path
+) -> None:
+    before = {s: file_sha256(s) for s in alt_shards}
+    out = tmp_path / "caption"
+    # A short recipe keeps the test fast; the step reuses a model trained on the same shards.
+    quick = world_captioner.WorldTrainConfig(steps=30)
+    world_captioner.train_or_load(alt_shards, out / "world_model", _read, 8, 448, quick)
+    args = ["--shards", str(alt_shards[0].parent / "*.tar"), "--output", str(out)]
+    assert captioning.main([*args, "--model", "world"]) == 0
+    assert {s: file_sha256(s) for s in alt_shards} == before
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["field"] == "vlm" and meta["num_captioned"] == 48 and meta["num_failed"] == 0
+    assert meta["identity"]["family"] == "world" and meta["identity"]["model_hash"]
+    assert meta["identity"]["instruction"] == captioning.DEFAULT_INSTRUCTION
+    added = captioning.AddedCaptions.load(out).for_shard(alt_shards[0])
+    for sample in iter_shard_samples([str(alt_shards[0])]):
+        text = added[sample.key]
+        assert text.startswith("An image of a " if sample.is_image else "A video of a ")
+        assert text.endswith(" background.")
+        assert world.parse_prompt(text.split(", on ")[0]) is not None  # the world's own grammar
+    # A rerun finds every shard done and the same model: nothing is redone.
+    assert captioning.caption_shards(
+        alt_shards, out, CaptionConfig(model="world"), meta["identity"]
+    ) == {"shards": len(alt_shards), "already_done": len(alt_shards)}
+    with pytest.raises(ValueError, match="without --num-parts"):
+        parts = ["--num-parts", "2", "--part", "0"]
+        captioning.main(
+            [*args[:2], "--output", str(tmp_path / "other"), "--model", "world", *parts]
+        )
+
+
+def _measure(shards: list[Path], steps: int, tmp_path: Path) -> dict[str, float | int]:
+    recipe = world_captioner.WorldTrainConfig(steps=steps)
+    captioner = world_captioner.train_or_load(shards, tmp_path / "model", _read, 8, 448, recipe)
+    clips, scenes = [], []
+    for sample in iter_shard_samples([str(s) for s in shards]):
+        if "scene" not in sample.meta:  # held out: the captioner never saw its truth
+            clips.append(_read(sample))
+            scenes.append(_truth(sample.key))
+    return world_captioner.accuracy(captioner.attributes(clips), scenes)
+
+
+def test_a_short_training_reads_background_and_position(tmp_path: Path) -> None:
+    shards = _alt_shards(tmp_path / "shards", 40, 10, 0.5)
+    scores = _measure(shards, 100, tmp_path)
+    assert scores["count"] > 15
+    assert scores["background"] >= 0.9 and scores["position"] >= 0.7, scores
+
+
+@pytest.fixture(scope="module")
+def held_out_scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float | int]:
+    """Single-object world (the demo's eval), a quarter labelled, the default 500-step recipe
+    plus 100: about 200 labelled samples, 600 held-out ones (about 75 s here)."""
+    tmp = tmp_path_factory.mktemp("measure")
+    scores = _measure(_alt_shards(tmp / "shards", 600, 200, 0.25), 600, tmp)
+    print(json.dumps(scores))
+    return scores
+
+
+@pytest.mark.slow
+def test_captioner_reaches_95_percent_on_colour_motion_position_background(
+    held_out_scores: dict[str, float | int],
+) -> None:
+    for name in ("colour", "motion", "position", "background"):
+        assert held_out_scores[name] >= 0.95, (name, held_out_scores)
+    assert held_out_scores["speed"] >= 0.9, held_out_scores
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-12-07: shape 0.69, size 0.89 on held-out clips (32-pixel frames leave "
+    "a small object a few pixels wide); docs/world-recaptioning-2026-12-07.md",
+)
+def test_captioner_reaches_95_percent_on_shape_and_size(
+    held_out_scores: dict[str, float | int],
+) -> None:
+    for name in ("shape", "size"):
+        assert held_out_scores[name] >= 0.95, (name, held_out_scores)
