@@ -15,50 +15,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from wan_fixtures import tiny_t5_tokenizer, tiny_umt5_encoder, tiny_wan_vae
+from wan_fixtures import TINY_TRANSFORMER, tiny_wan_pipeline, tiny_wan_vae  # noqa: F401
 
 from sora_lightning.models.wan import convert_wan_transformer
 from sora_lightning.train.import_wan import NotWan21Error, import_wan21, load_export_vae
 from sora_lightning.train.weights import load_dit, read_module_meta
 
-TINY_TRANSFORMER = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 12,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 16,
-    "freq_dim": 32,
-    "ffn_dim": 32,
-    "num_layers": 2,
-    "patch_size": (1, 2, 2),
-    "rope_max_seq_len": 32,
-}
-"""The FACTS.md tiny transformer, reading the tiny UMT5's 16-wide states and 16 VAE channels."""
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random, norm gains around 1, so no mapping hides behind an init value."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.2 * noise if "norm" in name else 0.15 * noise)
-
-
-def tiny_wan_pipeline(shift: float = 3.0):
-    """A whole random-weight Wan 2.1 T2V `WanPipeline` (float32)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-    transformer = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
-    randomize(transformer, seed=0)
-    return WanPipeline(
-        tokenizer=tiny_t5_tokenizer(),
-        text_encoder=tiny_umt5_encoder(),
-        transformer=transformer,
-        vae=tiny_wan_vae(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-    )
 
 
 def tiny_wan_folder(root: Path) -> Path:
