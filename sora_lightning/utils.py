@@ -172,3 +172,14 @@ def peak_rss_bytes(reset_worked: bool) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def pick_device(name: str) -> torch.device:
+    """`device=auto|cpu|cuda|cuda:N` (sampling, eval, captioning): auto takes the GPU when there
+    is one. A named GPU that is missing is refused here, before any weights load."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name}: no CUDA GPU is visible here; use device=cpu or auto")
+    return device

@@ -24,11 +24,11 @@ from sora_lightning.eval.generic import (
     validation_flow_loss,
 )
 from sora_lightning.sample.expand import build_expander, expander_config, resolve_examples
-from sora_lightning.sample.generate import load_generator, pick_device
+from sora_lightning.sample.generate import load_generator
 from sora_lightning.sample.main import prompts_of
 from sora_lightning.sample.provenance import Provenance
 from sora_lightning.sample.safety import Safety
-from sora_lightning.utils import write_json_atomic
+from sora_lightning.utils import pick_device, write_json_atomic
 
 PROMPT_SETS = {"held_out": eval_prompts, "seen": seen_prompts}
 """`prompt_set` choices: the held-out triples (the benchmark), or 2 training triples per eval motion."""

@@ -579,17 +579,6 @@ def trained_frames(
     return max(lengths) if lengths else None
 
 
-def pick_device(name: str) -> torch.device:
-    """`device=auto|cpu|cuda|cuda:N`: auto takes the GPU when there is one. A named GPU that
-    is missing is refused here, before any weights load."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name}: no CUDA GPU is visible here; use device=cpu or auto")
-    return device
-
-
 def load_generator(
     path: str | Path,
     *,

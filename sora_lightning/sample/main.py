@@ -30,12 +30,12 @@ from sora_lightning.sample.expand import build_expander, expander_config, resolv
 from sora_lightning.sample.generate import (
     Given,
     load_generator,
-    pick_device,
     read_model_info,
     write_mp4,
 )
 from sora_lightning.sample.provenance import Provenance, generation_record
 from sora_lightning.sample.safety import PromptRefused, Safety
+from sora_lightning.utils import pick_device
 
 
 def read_conditioning(image: str | None, video: str | None) -> np.ndarray | None:

@@ -11,7 +11,8 @@ from sora_lightning.diffusion.sampling import SamplingConfig
 from sora_lightning.models.dit import DiT
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig
 from sora_lightning.models.vae import VideoVAE
-from sora_lightning.sample.generate import VideoGenerator, pick_device
+from sora_lightning.sample.generate import VideoGenerator
+from sora_lightning.utils import pick_device
 
 CONF = "conf/model"
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from sora_lightning.utils import pick_device
 
 
 @dataclass
@@ -44,11 +46,18 @@ class VLMAdapter(Protocol):
         ...
 
 
-def resolve_device(device: str) -> torch.device:
-    """ "auto": the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def load_vlm(model_dir: Path, dtype: str, device: str) -> tuple[torch.nn.Module, Any]:
+    """A VLM folder's model (on `device`, in eval mode) and its left-padding tokenizer; nothing is
+    downloaded. Left padding: generation continues every row of a batch at the same position."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    where = pick_device(device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=resolve_dtype(dtype, where), local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer.padding_side = "left"
+    return model.to(where).eval(), tokenizer
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

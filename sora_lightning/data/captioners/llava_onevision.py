@@ -21,8 +21,7 @@ from PIL import Image
 from sora_lightning.data.captioners.base import (
     Clip,
     chat_template,
-    resolve_device,
-    resolve_dtype,
+    load_vlm,
 )
 
 
@@ -54,16 +53,9 @@ class LlavaOnevisionAdapter:
         cls, model_dir: str | Path, dtype: str = "auto", device: str = "auto"
     ) -> LlavaOnevisionAdapter:
         """Model and tokenizer from `model_dir`; nothing is downloaded."""
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
         model_dir = Path(model_dir)
-        where = resolve_device(device)
-        model = AutoModelForImageTextToText.from_pretrained(
-            model_dir, dtype=resolve_dtype(dtype, where), local_files_only=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        tokenizer.padding_side = "left"
-        return cls(model.to(where).eval(), tokenizer, model_dir)
+        model, tokenizer = load_vlm(model_dir, dtype, device)
+        return cls(model, tokenizer, model_dir)
 
     def pixels(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [T, H, W, 3] -> float32 [T, 3, side, side], resized bicubic and normalised."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sora_lightning.data.captioners.base import Clip, chat_template, resolve_device, resolve_dtype
+from sora_lightning.data.captioners.base import Clip, chat_template, load_vlm
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,18 +93,11 @@ class QwenVLAdapter:
         cls, model_dir: str | Path, dtype: str = "auto", device: str = "auto"
     ) -> QwenVLAdapter:
         """Model, tokenizer and processor settings from `model_dir`; nothing is downloaded."""
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
         model_dir = Path(model_dir)
-        where = resolve_device(device)
-        model = AutoModelForImageTextToText.from_pretrained(
-            model_dir, dtype=resolve_dtype(dtype, where), local_files_only=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        tokenizer.padding_side = "left"  # generation continues every row at the same position
+        model, tokenizer = load_vlm(model_dir, dtype, device)
         family = str(model.config.model_type)
         vision, template = QwenVision.from_folder(model_dir), chat_template(model_dir)
-        return cls(model.to(where).eval(), tokenizer, vision, family, template)
+        return cls(model, tokenizer, vision, family, template)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
