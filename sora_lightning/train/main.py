@@ -94,6 +94,8 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.task == "dit":
         _check_conditioning(cfg)
+    if cfg.task == "vae" and int(cfg.vae_train.get("crop_tries", 1)) < 1:  # before any work
+        raise ValueError(f"vae_train.crop_tries must be >= 1, got {cfg.vae_train.crop_tries}")
     try:
         SamplingConfig.from_config(cfg.sampling)
     except ValueError as error:
@@ -283,8 +285,6 @@ def _vae_datamodule(cfg: DictConfig, steps: int) -> VAEDataModule:
         val_fraction=cfg.dataset.val_fraction,
         crop_tries=int(hp.get("crop_tries", 1)),
     )
-    if kwargs["crop_tries"] < 1:
-        raise ValueError(f"vae_train.crop_tries must be >= 1, got {kwargs['crop_tries']}")
     shards = expand_shards(cfg.data.shards)
     if loader == "stream":
         return StreamingVAEDataModule(

@@ -72,6 +72,10 @@ def test_bad_config_rejected_before_work() -> None:
         )
     with pytest.raises(ValueError, match="curriculum.*stage 'images'.*1 \\+ 2k"):  # demo VAE: 2x
         validate(cfg)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=["task=vae", "data.shards=x", "vae_train.crop_tries=0"])
+    with pytest.raises(ValueError, match="vae_train.crop_tries must be >= 1, got 0"):
+        validate(cfg)
 
 
 def test_all_yaml_files_are_covered() -> None:
