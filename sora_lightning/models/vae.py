@@ -409,6 +409,16 @@ class DiagonalGaussian:
         return 0.5 * per_element.flatten(1).sum(dim=1)
 
 
+def reconstruct(
+    vae: nn.Module, video: Tensor, sample_posterior: bool, generator: torch.Generator | None
+) -> tuple[Tensor, DiagonalGaussian]:
+    """Encode, take a posterior sample (or its mode), decode: every VAE's `forward`, one place.
+    Returns (recon [B, 3, T, H, W], posterior)."""
+    posterior = vae.encode(video)  # B C F h w
+    z = posterior.sample(generator) if sample_posterior else posterior.mode()
+    return vae.decode(z), posterior  # B 3 T H W
+
+
 class VideoVAE(nn.Module):
     """Causal video VAE: encode [B, 3, T, H, W] in [-1, 1] to a posterior, decode latents back."""
 
@@ -435,9 +445,7 @@ class VideoVAE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
         """Reconstruct a clip; returns (recon [B, 3, T, H, W], posterior) for the VAE losses."""
-        posterior = self.encode(video)  # B C F h w
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior  # B 3 T H W
+        return reconstruct(self, video, sample_posterior, generator)
 
     @torch.no_grad()
     def encode_chunked(

@@ -42,6 +42,7 @@ from sora_lightning.models.vae import (
     VideoVAE,
     _fill_time,
     blend_tiles,
+    reconstruct,
 )
 
 if TYPE_CHECKING:
@@ -218,9 +219,7 @@ class WanVideoVAE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
         """Reconstruct a clip; returns (recon [B, 3, T, H, W], posterior), as `VideoVAE` does."""
-        posterior = self.encode(video)  # B C F h w
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior  # B 3 T H W
+        return reconstruct(self, video, sample_posterior, generator)
 
     @torch.no_grad()
     def encode_chunked(
