@@ -30,6 +30,7 @@ from sora_lightning.diffusion.sampling import (
 from sora_lightning.models.text import TextEncoder, TextEncoderConfig
 from sora_lightning.models.vae import VideoVAE
 from sora_lightning.parallel.strategies import parameters_are_sharded
+from sora_lightning.train import scalars
 from sora_lightning.train.weights import load_vae
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,7 @@ class ThroughputMonitor(L.Callback):
             metrics["train/mfu"] = (
                 3.0 * flops / total / self.peak_flops
             )  # forward + backward ~ 3x forward
-        # Straight to the loggers: each `self.log` costs ~1 ms of Lightning bookkeeping on CPU
-        # (its `_ResultMetric.to` per call), 0.4% of a demo step for these four (performance.md).
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        scalars.write(trainer, metrics)  # not `self.log`: train/scalars.py says why
 
 
 def _batch_counts(pl_module: L.LightningModule, batch: Any) -> tuple[int, int, int]:
@@ -291,7 +288,10 @@ class ValidationLoss(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        if step == trainer.max_steps:  # the run's last step: on_train_end scores it, once
+            return
+        if self.every_n_steps and step % self.every_n_steps == 0:
             self._log(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

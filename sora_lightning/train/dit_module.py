@@ -23,6 +23,7 @@ from sora_lightning.diffusion import flow
 from sora_lightning.models.dit import DiT, DiTConfig, SequenceSharding
 from sora_lightning.parallel.sequence import build_sequence_groups, check_sequence_parallel
 from sora_lightning.parallel.strategies import parallelize_module
+from sora_lightning.train import scalars
 from sora_lightning.train.compile import check_strategy, compile_blocks
 from sora_lightning.train.curriculum import Curriculum, Stage
 from sora_lightning.train.lora import (
@@ -228,15 +229,22 @@ class DiTModule(L.LightningModule):
         return bool(bad.item() == 0.0)
 
     def _log_step(self, loss: Tensor, batch: PackedBatch, degree: int = 1) -> None:
+        """`train/loss` and `train/stage` through `self.log` (progress bar, `callback_metrics`);
+        the rest straight to the loggers on logged steps only (train/scalars.py says why)."""
         stage_index, _ = self.curriculum.stage_at(self.global_step)
         name = self.curriculum.stages[stage_index].name
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.num_samples)
-        self.log(f"train/loss_{name}", loss.detach(), batch_size=batch.num_samples)
         self.log("train/stage", float(stage_index), prog_bar=True)
-        self.log("train/sequence_parallel", float(degree))
-        self.log("train/packing_efficiency", float(batch.efficiency))
-        self.log("train/samples_per_batch", float(batch.num_samples))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        scalars.write(
+            self.trainer,
+            lambda: {
+                f"train/loss_{name}": loss.detach().item(),
+                "train/sequence_parallel": degree,
+                "train/packing_efficiency": batch.efficiency,
+                "train/samples_per_batch": batch.num_samples,
+                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            },
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.dit.parameters() if p.grad is not None]  # None under ZeRO-3
@@ -244,9 +252,9 @@ class DiTModule(L.LightningModule):
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             self._grad_norm = (norm, [p for p in self.dit.parameters() if p.grad is not None])
-            self.log(
-                "train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            )
+            full = norm.full_tensor if hasattr(norm, "full_tensor") else lambda: norm
+            if self._trainer is not None:
+                scalars.write(self.trainer, lambda: {"train/grad_norm": full().item()})
 
     def configure_gradient_clipping(
         self,
