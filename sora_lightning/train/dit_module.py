@@ -246,33 +246,34 @@ class DiTModule(L.LightningModule):
             },
         )
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]  # None under ZeRO-3
-        self._grad_norm = None
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            self._grad_norm = (norm, [p for p in self.dit.parameters() if p.grad is not None])
-            full = norm.full_tensor if hasattr(norm, "full_tensor") else lambda: norm
-            if self._trainer is not None:
-                scalars.write(self.trainer, lambda: {"train/grad_norm": full().item()})
-
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by the norm `on_before_optimizer_step` just logged: computing it a second time
-        cost ~0.3% of a demo step (docs/performance.md). Same math as `clip_grad_norm_`; sharded
-        gradients (DTensor norms) and other algorithms take Lightning's own path."""
-        cached, self._grad_norm = getattr(self, "_grad_norm", None), None
-        plain = cached is not None and not hasattr(cached[0], "full_tensor")
-        if not plain or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
-            super().configure_gradient_clipping(
-                optimizer, gradient_clip_val, gradient_clip_algorithm
-            )
+        """One gradient norm a step serves clipping and `train/grad_norm` (the pre-clip norm).
+
+        Norm clipping of plain tensors clips with it (`clip_grads_with_norm_`: the same math as
+        `clip_grad_norm_`, without computing the norm twice); without clipping the norm is only
+        computed on the steps the loggers write. Sharded gradients (DTensor norms) and other
+        algorithms take Lightning's own path. No gradients (ZeRO-3 clips inside DeepSpeed): nothing.
+        """
+        params = [p for p in self.dit.parameters() if p.grad is not None]
+        by_norm = bool(gradient_clip_val) and gradient_clip_algorithm in (None, "norm")
+        logged = self._trainer is not None and scalars.due(self.trainer)
+        norm = None
+        if params and (by_norm or logged):
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if norm is not None and logged:
+            full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # every rank
+            scalars.write(self.trainer, {"train/grad_norm": full.item()})
+        if not gradient_clip_val:  # the hook gets the trainer's value: none set, no clipping
             return
-        torch.nn.utils.clip_grads_with_norm_(cached[1], gradient_clip_val, cached[0])
+        if by_norm and norm is not None and not hasattr(norm, "full_tensor"):
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """EMA right after the update and before any callback runs: a checkpoint written in

@@ -52,7 +52,6 @@ _MODULE_HOOKS = {
     "optimizer_zero_grad": "optimizer",
     "configure_gradient_clipping": "optimizer",
     "lr_scheduler_step": "optimizer",
-    "on_before_optimizer_step": "logging",  # gradient-norm metric
 }
 _OWN_ACTIONS = {
     EMA_ACTION: "ema",
