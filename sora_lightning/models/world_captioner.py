@@ -3,12 +3,17 @@
 Why this shape: the attributes of the synthetic world's objects are of two kinds. Where an object
 is and how it moves needs sub-pixel precision, so a per-pixel map is turned into a centroid by a
 spatial soft-argmax (the expectation of pixel coordinates under a softmax, as in DSNT) rather than
-classified from pooled features; colour, shape, size and background are classified from features
-pooled under that same attention. Motion is read from how the centroids, the object's area and its
-features change across the sampled frames. Plain torch: the training loop and I/O live in
+classified from pooled features; colour and background are read from colours pooled under that
+same attention. Shape and size are read at the world's native scale (at 32 pixels a small object is
+3 to 4 pixels wide, too few to tell a disc from a square): a window around the attention's centre
+is cut from frames kept at full resolution, the object's coverage in it is read from colour
+(`crop_occupancy`), and that mask's area and moments feed those heads. Its centre of mass refines
+the centre. Motion is read from how the centres, the mask's area and its moments change across the
+sampled frames. Plain torch: the training loop and I/O live in
 `sora_lightning/data/captioners/world.py`.
 
-Shape legend: B clips, K frames per clip, C channels, S frame side after resizing, D features.
+Shape legend: B clips, K frames per clip, C channels, S frame side after resizing, F fine frame
+side, W window (crop) side.
 """
 
 from __future__ import annotations
@@ -37,17 +42,33 @@ class WorldCaptionerConfig:
     side: int = 32
     """Frames are resized to side x side (positions are fractions, so stretching keeps them)."""
     channels: int = 8
-    """Width of the full-resolution stage (the later stages have 2x and 2x)."""
+    """Width of the per-pixel stage."""
     hidden: int = 32
     """Width of each head's MLP."""
+    fine: int = 72
+    """Side of the fine frames the crop is sampled from: the world's largest native side, so a
+    frame is only ever stretched up and no pixel of it is lost."""
+    crop: int = 32
+    """Side of the crop in pixels."""
+    window: float = 0.8
+    """Side of the crop as a fraction of min(width, height), the unit the world's sizes use: a
+    large triangle reaches 0.28 of it from its centre, and the rest is room for the coarse
+    centre's error. Measuring in that unit makes an object's extent in the crop its size."""
+    floor: float = 0.2
+    """Coverage read from colour below this is taken as none (see `crop_occupancy`)."""
 
     def __post_init__(self) -> None:
         if self.side < 8 or self.side % 4 or self.channels < 1 or self.hidden < 1:
             raise ValueError(f"side must be a multiple of 4 >= 8 and widths >= 1, got {self}")
+        if self.fine < 8 or self.crop < 8 or not 0 < self.window <= 1 or not 0 <= self.floor < 1:
+            raise ValueError(
+                f"fine and crop must be >= 8, window in (0, 1] and floor in [0, 1), got {self}"
+            )
 
 
 class FrameEncoder(nn.Module):
-    """One frame -> attention map, occupancy map and attention-pooled features."""
+    """One frame at the coarse side -> attention map (and so the centre), occupancy map and
+    attention-pooled colour."""
 
     def __init__(self, config: WorldCaptionerConfig) -> None:
         super().__init__()
@@ -61,17 +82,11 @@ class FrameEncoder(nn.Module):
         # Starting the attention on pixels unlike the background keeps it from locking onto an
         # empty corner (seen: a seed whose attention never found the object, every head at chance).
         self.prior = nn.Parameter(torch.tensor(1.0))
-        self.deep = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-            nn.ReLU(),
-        )
-        self.out_dim = 2 * width
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels [N, 3, S, S] in [0, 1] -> centroid [N, 2], rgb [N, 3], area [N], desc [N, D]."""
+        """pixels [N, 3, S, S] in [0, 1] -> centroid [N, 2], rgb [N, 3], border [N, 3] and the
+        occupancy logit [N, S, S] (trained against the object's coverage: it teaches the stem
+        what the object is, which the attention builds on)."""
         side = pixels.shape[-1]
         coords = (torch.arange(side, device=pixels.device, dtype=pixels.dtype) + 0.5) / side
         grid_x = coords.view(1, 1, 1, side).expand(pixels.shape[0], 1, side, side)
@@ -86,27 +101,19 @@ class FrameEncoder(nn.Module):
         centroid_x = (attention * grid_x[:, 0]).sum((1, 2))
         centroid_y = (attention * grid_y[:, 0]).sum((1, 2))
         rgb = (attention.unsqueeze(1) * pixels).sum((2, 3))  # N 3
-        occupancy = torch.sigmoid(occupancy_logit)  # N S S
-        area = occupancy.mean((1, 2))  # N
-        moments = _moments(occupancy, grid_x[:, 0], grid_y[:, 0])  # N 4
-        deep = self.deep(hidden)  # N 2C S/4 S/4
-        pooled_attention = F.avg_pool2d(attention.unsqueeze(1), 4) * 16  # N 1 S/4 S/4, sums to 1
-        desc = (deep * pooled_attention).sum((2, 3))  # N 2C
         return {
             "centroid": torch.stack([centroid_x, centroid_y], -1),
             "rgb": rgb,
-            "area": area,
-            "desc": desc,
             "border": border,
-            "moments": moments,
             "occupancy_logit": occupancy_logit,
         }
 
 
 def _moments(mass: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor) -> torch.Tensor:
     """Shape descriptors of a mask [N, S, S]: second moments over area, vertical skew (a
-    triangle's apex) and the cross fourth moment (corners). Why: a few pixels of radius leave a
-    small CNN little to tell shapes by, and these read them from the learned mask directly."""
+    triangle's apex) and the cross fourth moment (corners). Why: they tell the world's shapes
+    apart whatever their size (a disc's cross moment is 2/3, a square's 1, a triangle's skew
+    about -0.5), so a head needs few labelled clips to read them."""
     total = mass.sum((1, 2)).clamp_min(1e-4)  # N
     mean_x = (mass * grid_x).sum((1, 2)) / total
     mean_y = (mass * grid_y).sum((1, 2)) / total
@@ -122,13 +129,72 @@ def _moments(mass: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor) -> 
     return torch.stack([*second, skew, cross], -1)
 
 
+def crop_window(
+    centre: torch.Tensor, aspect: torch.Tensor, config: WorldCaptionerConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grid [N, W, W, 2] (grid_sample's [-1, 1] frame coordinates) of a square window
+    of side `config.window` * min(width, height) centred on centre [N, 2] (fractions), for frames
+    of width / height `aspect` [N] stretched to a square; and the window's spans [N, 2] as
+    fractions of the frame's width and height (to map crop offsets back to the frame)."""
+    spans = config.window * torch.stack(
+        [torch.clamp(1 / aspect, max=1.0), torch.clamp(aspect, max=1.0)], -1
+    )  # min / width, min / height
+    zero = torch.zeros_like(aspect)
+    theta = torch.stack(
+        [
+            torch.stack([spans[:, 0], zero, 2 * centre[:, 0] - 1], -1),
+            torch.stack([zero, spans[:, 1], 2 * centre[:, 1] - 1], -1),
+        ],
+        1,
+    )  # N 2 3
+    side = config.crop
+    return F.affine_grid(theta, [len(centre), 1, side, side], align_corners=False), spans
+
+
+def crop_occupancy(
+    fine: torch.Tensor, grid: torch.Tensor, border: torch.Tensor, floor: float
+) -> dict[str, torch.Tensor]:
+    """The object's coverage in a window of a fine frame, read from colour: the world blends an
+    object's colour c over the background b by its coverage a, so a pixel p gives
+    a = <p - b, c - b> / |c - b|^2. c is the window's middle (the window is centred on the
+    object, and the world's shapes are convex, so their centre is inside), b is the frame's
+    border. Coverage under `floor` is dropped: video coding leaves faint colour everywhere, and
+    moments weight far pixels by up to distance^4. No parameters: it needs no labels to learn.
+
+    fine [N, 3, F, F] in [0, 1], grid from `crop_window`, border [N, 3] -> mask [N, W, W],
+    area [N] (fraction of the window), moments [N, 5] and offset [N, 2] (centre of mass minus
+    the window's centre, in window sides)."""
+    # Objects never touch the frame's edge, so a window past it repeats the background.
+    crop = F.grid_sample(fine, grid, padding_mode="border", align_corners=False)  # N 3 W W
+    side = crop.shape[-1]
+    middle = side // 2
+    colour = crop[..., middle - 1 : middle + 1, middle - 1 : middle + 1].mean((2, 3))  # N 3
+    away = colour - border
+    along = ((crop - border[..., None, None]) * away[..., None, None]).sum(1)  # N W W
+    alpha = along / (away * away).sum(1).clamp_min(1e-3)[:, None, None]
+    mask = ((alpha - floor) / (1 - floor)).clamp(0, 1)
+    coords = (torch.arange(side, device=crop.device, dtype=crop.dtype) + 0.5) / side
+    grid_x = coords.view(1, 1, side).expand(len(crop), side, side)
+    grid_y = coords.view(1, side, 1).expand(len(crop), side, side)
+    total = mask.sum((1, 2)).clamp_min(1e-4)
+    offset = torch.stack(
+        [(mask * grid_x).sum((1, 2)) / total, (mask * grid_y).sum((1, 2)) / total], -1
+    )
+    return {
+        "mask": mask,
+        "area": mask.mean((1, 2)),
+        "moments": _moments(mask, grid_x, grid_y),
+        "offset": offset - 0.5,
+    }
+
+
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {
     "colour": ("rgb", "border"),
     "background": ("border",),
-    "size": ("area", "aux", "desc_first", "moments"),
-    "shape": ("desc_mean", "desc_first", "moments"),
-    "motion": ("slope", "per_step", "area_slope", "desc_std", "aux"),
-    "speed": ("slope", "per_step", "speed_norm", "aux"),
+    "size": ("fine_area", "fine_corners"),
+    "shape": ("fine_moments", "fine_moments_mean"),
+    "motion": ("slope", "per_step", "fine_area_slope", "fine_change"),
+    "speed": ("speed_norm",),
 }
 """What each head reads: few inputs per head, so a hundred labelled clips are enough to fit it."""
 
@@ -140,9 +206,9 @@ class WorldCaptionerNet(nn.Module):
         super().__init__()
         self.config = config or WorldCaptionerConfig()
         self.frames = FrameEncoder(self.config)
-        dim = self.frames.out_dim
-        widths = {"rgb": 3, "border": 3, "area": 1, "area_slope": 1, "slope": 2, "per_step": 2}
-        widths.update(aux=3, desc_mean=dim, desc_first=dim, desc_std=dim, moments=5, speed_norm=1)
+        widths = {"rgb": 3, "border": 3, "slope": 2, "per_step": 2, "speed_norm": 1}
+        widths.update(fine_area=1, fine_area_slope=1, fine_moments=5, fine_moments_mean=5)
+        widths.update(fine_change=5, fine_corners=2)
         hidden = self.config.hidden
         self.heads = nn.ModuleDict(
             {
@@ -157,50 +223,69 @@ class WorldCaptionerNet(nn.Module):
         )
 
     def forward(
-        self, pixels: torch.Tensor, progress: torch.Tensor, aux: torch.Tensor
+        self, pixels: torch.Tensor, fine: torch.Tensor, progress: torch.Tensor, aux: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """pixels [B, K, 3, S, S] in [0, 1]; progress [B, K] (frame index / (T - 1), 0 for
-        images); aux [B, 3] (width / height, frames T - 1 between the first and last, is_image).
-        Returns logits [B, n] per HEADS name, "position" [B, 2] (start centre, fractions) and
-        "track" [B, K, 2] (the centre in every frame), "occupancy" [B, K, S, S] (mask logits)."""
+        """pixels [B, K, 3, S, S] in [0, 1]; fine [B, K, 3, F, F] uint8 (the same frames, less
+        shrunk); progress [B, K] (frame index / (T - 1), 0 for images); aux [B, 3] (width /
+        height, frames T - 1 between the first and last, is_image). Returns logits [B, n] per
+        HEADS name, "position" [B, 2] (start centre, fractions; refined by the crop), "track"
+        [B, K, 2] (the attention's centre in every frame), "occupancy" [B, K, S, S] (mask logits),
+        "fine_mask" [B, K, W, W] (the crops' coverage) and "inputs/NAME" [B, width] (what each
+        head read)."""
         batch, count = pixels.shape[:2]
         per_frame = self.frames(pixels.flatten(0, 1))  # B*K ...
+        # The window follows the attention; the attention is taught by its own loss.
+        centre = per_frame["centroid"].detach()
+        grid, spans = crop_window(centre, aux[:, 0].repeat_interleave(count), self.config)
+        fine_pixels = fine.flatten(0, 1).float() / 255
+        crops = crop_occupancy(fine_pixels, grid, per_frame["border"], self.config.floor)
+        per_frame["fine_centroid"] = centre + crops["offset"] * spans
+        per_frame.update({f"fine_{k}": v for k, v in crops.items() if k != "offset"})
         per_frame = {k: v.view(batch, count, *v.shape[1:]) for k, v in per_frame.items()}
         summary = self._summarise(per_frame, progress, aux)  # name -> B width
-        logits = {
-            name: head(torch.cat([summary[k] for k in HEAD_INPUTS[name]], -1))
-            for name, head in self.heads.items()
-        }
-        logits["position"] = per_frame["centroid"][:, 0]  # B 2: the first frame is frame 0
+        inputs = {name: torch.cat([summary[k] for k in HEAD_INPUTS[name]], -1) for name in HEADS}
+        logits = {name: head(inputs[name]) for name, head in self.heads.items()}
+        logits.update({f"inputs/{name}": value for name, value in inputs.items()})
+        logits["position"] = per_frame["fine_centroid"][:, 0]  # B 2: the first frame is frame 0
         logits["track"] = per_frame["centroid"]  # B K 2
         logits["occupancy"] = per_frame["occupancy_logit"]  # B K S S
+        logits["fine_mask"] = per_frame["fine_mask"]  # B K W W
         return logits
 
     @staticmethod
     def _summarise(
         per_frame: dict[str, torch.Tensor], progress: torch.Tensor, aux: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Per-clip inputs of the heads: pooled features, colours, and the slopes of centroid and
-        log area over clip progress (least squares: any frame count and spacing reads the same)."""
-        desc, centroid = per_frame["desc"], per_frame["centroid"]  # B K D, B K 2
-        log_area = per_frame["area"].clamp_min(1e-4).log()  # B K
+        """Per-clip inputs of the heads: colours, the crop's area and moments, and the slopes of
+        centre and log area over clip progress (least squares: any frame count and spacing reads
+        the same)."""
+        centroid = per_frame["fine_centroid"]  # B K 2
+        # Bounded: an empty or cluttered window (a clip with several objects) must not swing the
+        # heads' batch statistics, which are taken over a few clips. The bounds are well beyond
+        # any lone shape's (second moments over area 0.08 to 0.10, skew -0.55 to 0, cross <= 1).
+        fine_log_area = per_frame["fine_area"].clamp_min(0.01).log()  # B K
+        low = torch.tensor([0.0, 0.0, -0.1, -2.0, 0.0], device=progress.device)
+        high = torch.tensor([0.5, 0.5, 0.1, 2.0, 3.0], device=progress.device)
+        moments = torch.maximum(torch.minimum(per_frame["fine_moments"], high), low)  # B K 5
         centred = progress - progress.mean(1, keepdim=True)  # B K
         spread = (centred * centred).sum(1).clamp_min(1e-6)  # B
         slope_xy = (centred.unsqueeze(-1) * centroid).sum(1) / spread.unsqueeze(-1)  # B 2
-        slope_area = (centred * log_area).sum(1) / spread  # B
+        fine_slope_area = (centred * fine_log_area).sum(1) / spread  # B
         aspect, span = aux[:, 0], aux[:, 1].clamp_min(1.0)
         per_step = torch.stack([slope_xy[:, 0], slope_xy[:, 1] / aspect], -1) / span.unsqueeze(-1)
         return {
             "rgb": per_frame["rgb"].mean(1),
             "border": per_frame["border"][:, 0],
-            "area": 10 * per_frame["area"][:, :1],
-            "area_slope": slope_area.unsqueeze(-1),
             "slope": 5 * slope_xy,
             "per_step": 50 * per_step,
             "speed_norm": 50 * per_step.norm(dim=-1, keepdim=True),
-            "aux": aux / torch.tensor([1.0, 32.0, 1.0], device=aux.device),
-            "desc_mean": desc.mean(1),
-            "desc_first": desc[:, 0],
-            "desc_std": desc.std(1, unbiased=False),
-            "moments": per_frame["moments"][:, 0],
+            # The first frame is the object at its named size and unturned.
+            "fine_area": fine_log_area[:, :1],
+            "fine_area_slope": fine_slope_area.unsqueeze(-1),
+            "fine_moments": moments[:, 0],
+            # What sets the area of a shape of a given size: a triangle's skew, a square's corners.
+            "fine_corners": moments[:, 0, 3:],
+            "fine_moments_mean": moments.mean(1),
+            # Turning changes a square's corners and a triangle's skew, not its area.
+            "fine_change": (moments - moments[:, :1]).abs().amax(1),
         }
