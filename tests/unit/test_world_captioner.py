@@ -20,6 +20,7 @@ from sora_lightning.data.shards import RawSample, iter_shard_samples
 from sora_lightning.data.sources import DatasetConfig
 from sora_lightning.models.world_captioner import (
     WorldCaptionerConfig,
+    WorldCaptionerNet,
     crop_occupancy,
     crop_window,
 )
@@ -174,6 +175,27 @@ def test_coverage_read_from_colour_tells_shapes_and_sizes_apart(size: str) -> No
     for shape, measured in areas.items():
         relative = {"circle": math.pi, "square": 3.24, "triangle": 1.87}[shape] * radius**2
         assert measured == pytest.approx([relative] * len(measured), rel=0.15), shape
+
+
+def test_the_window_goes_to_the_largest_object_without_training() -> None:
+    """With several objects, the first frame's candidates are read at native scale and the one
+    covering most is kept (the main object is the largest), wherever the untrained attention
+    points; later frames follow it. Drawn first and last, each way round."""
+    small = world.ObjectSpec("circle", "red", "small", "still", "slow", 0.25, 0.3)
+    large = world.ObjectSpec("triangle", "green", "large", "left", "slow", 0.65, 0.6)
+    medium = world.ObjectSpec("square", "white", "medium", "still", "slow", 0.3, 0.75)
+    torch.manual_seed(0)
+    net = WorldCaptionerNet().eval()
+    for objects in ((small, large, medium), (large, medium, small)):
+        scene = world.Scene(objects, "navy", 64, 48, 9)
+        clip = Clip("three", world.render(scene)[::2], False, 0.0, tuple(range(0, 9, 2)), 9)
+        batch = world_captioner.clip_tensors([clip], 5, net.config)
+        with torch.no_grad():
+            out = net(batch.pixels, batch.fine, batch.progress, batch.aux)
+        track = world_captioner._track(scene, clip, 5)
+        assert out["position"][0].tolist() == pytest.approx(track[0], abs=0.02)
+        centres = out["inputs/motion"]  # the slope moves left, so the track was followed
+        assert centres[0, 0] < 0, centres
 
 
 def test_a_short_training_reads_background_and_position(tmp_path: Path) -> None:
