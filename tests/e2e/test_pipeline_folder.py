@@ -174,6 +174,7 @@ def test_a_changed_setting_is_not_silently_reused(folder_run) -> None:
     assert tree_hashes(run_dir / "cache") == before
 
 
+@pytest.mark.slow  # two more pipeline processes, 81 s: keeps `make test` under 15 minutes
 def test_another_runs_cache_is_reused_by_key(folder_run, tmp_path: Path) -> None:
     media, run_dir, _, _ = folder_run
     second = tmp_path / "reuse"
