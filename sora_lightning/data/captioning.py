@@ -28,7 +28,7 @@ from typing import Any
 
 from sora_lightning.data.captioners import VLMAdapter, load_adapter, model_family
 from sora_lightning.data.captioners import world as world_captioner
-from sora_lightning.data.captioners.base import Clip
+from sora_lightning.data.captioners.base import HINT, Clip
 from sora_lightning.data.decode import MediaError, decode_video, probe
 from sora_lightning.data.parts import resolve_part, select_part
 from sora_lightning.data.resize import FitFrame
@@ -71,6 +71,9 @@ class CaptionConfig:
     """auto (cuda when present) | cpu | cuda | cuda:N."""
     max_new_tokens: int = 256
     """Longest caption in tokens."""
+    hint_field: str | None = None
+    """A caption field each sample already has (alt_text) to show the captioner as `{hint}` in
+    the instruction; the world captioner describes the object it names. None: no hint."""
 
     def __post_init__(self) -> None:
         if not FIELD_PATTERN.match(self.field) or self.field == "caption":
@@ -82,12 +85,30 @@ class CaptionConfig:
             raise ValueError("caption.frames, size, batch_size and max_new_tokens must be >= 1")
         if not self.instruction.strip():
             raise ValueError("caption.instruction must not be empty")
+        self._check_hint()
         folder = self.model == world_captioner.MODEL_NAME or (
             self.model and Path(self.model).expanduser().is_dir()
         )
         if self.enabled and not folder:
             raise ValueError(
                 f"caption.enabled=true needs caption.model=<a local model folder>, got {self.model}"
+            )
+
+    def _check_hint(self) -> None:
+        """A hint a VLM's instruction never shows, or a `{hint}` with no field to fill it, is a
+        mistake found before any captioning (the world captioner reads the hint itself)."""
+        if self.hint_field is not None and not FIELD_PATTERN.match(self.hint_field):
+            raise ValueError(f"caption.hint_field={self.hint_field!r} is not a caption field name")
+        shows = HINT in self.instruction
+        if self.hint_field is None and shows:
+            raise ValueError(
+                f"caption.instruction has {HINT} but caption.hint_field is null: name the field "
+                "to fill it (caption.hint_field=alt_text) or drop it from the instruction"
+            )
+        if self.hint_field is not None and not shows and self.model != world_captioner.MODEL_NAME:
+            raise ValueError(
+                f"caption.hint_field={self.hint_field} but caption.instruction has no {HINT}: "
+                f'put it where the VLM should read it ("... The original caption: {HINT}")'
             )
 
     @classmethod
@@ -107,7 +128,8 @@ class CaptionConfig:
         args = ["--model", model, "--field", self.field, "--instruction", self.instruction]
         args += ["--frames", str(self.frames), "--size", str(self.size)]
         args += ["--batch-size", str(self.batch_size), "--dtype", self.dtype]
-        return args + ["--device", self.device, "--max-new-tokens", str(self.max_new_tokens)]
+        args += ["--device", self.device, "--max-new-tokens", str(self.max_new_tokens)]
+        return args + (["--hint-field", self.hint_field] if self.hint_field else [])
 
 
 def model_hash(model_dir: str | Path) -> str:
@@ -129,7 +151,14 @@ def caption_identity(config: CaptionConfig) -> dict[str, Any]:
         "frames": config.frames,
         "size": config.size,
         "max_new_tokens": config.max_new_tokens,
+        **hint_identity(config),
     }
+
+
+def hint_identity(config: CaptionConfig) -> dict[str, str]:
+    """The hint field in the captions' identity (absent without one, so the identities, and the
+    cache keys, of captions made without a hint stay as they were)."""
+    return {"hint_field": config.hint_field} if config.hint_field else {}
 
 
 def source_hash(identity: dict[str, Any]) -> str:
@@ -197,6 +226,18 @@ def own_captions(meta: dict) -> dict[str, str]:
     return meta.get("captions") or {"detailed": meta["caption"]}
 
 
+def hint_of(sample: RawSample, field: str, shard: Path) -> str:
+    """The sample's own caption under `field`, the captioner's hint; a sample without it is an
+    error naming the shard, the key and the fields it has."""
+    captions = own_captions(sample.meta)
+    if field not in captions:
+        raise ValueError(
+            f"{shard}: {sample.key} has no {field!r} caption to show as the hint (it has "
+            f"{sorted(captions)}): set caption.hint_field to one of those, or null"
+        )
+    return captions[field]
+
+
 def check_new_field(captions: dict[str, str], field: str, where: str) -> None:
     """Refuse a field the sample already has: recaptions are added, never overwritten."""
     if field in captions:
@@ -246,6 +287,8 @@ class ShardCaptioner:
                 log.warning("not captioning %s in %s: %s", sample.key, shard, error)
                 counts.failed += 1
                 continue
+            if self.config.hint_field:
+                clip.hint = hint_of(sample, self.config.hint_field, shard)
             counts.frames_read += read
             counts.frames_kept += len(clip.frames)
             pending.append(clip)
@@ -414,6 +457,7 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--hint-field", help="a caption field shown to the captioner as {hint}")
     parser.add_argument("--num-parts", type=int, help="job array: split shards into this many")
     parser.add_argument("--part", type=int, help="this task's part (default $SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--merge", action="store_true", help="after an array: write meta.json")
@@ -440,7 +484,7 @@ def _world(
     identity = world_captioner.world_identity(
         captioner, config.field, config.instruction, config.frames
     )
-    return captioner, identity
+    return captioner, {**identity, **hint_identity(config)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,9 @@ class WorldCaptionerConfig:
     """Half side, in coarse pixels, of the box a candidate peak suppresses."""
     contrast: float = 0.15
     """A candidate's blurred contrast, and its window's middle colour's, must exceed this."""
+    connected: bool = True
+    """Keep only the part of a window's mask connected to its middle (`connected_to_middle`):
+    the world's objects never overlap, so a neighbour of the same colour is cut off."""
 
     def __post_init__(self) -> None:
         if self.side < 8 or self.side % 4 or self.channels < 1 or self.hidden < 1:
@@ -164,8 +167,31 @@ def crop_window(
     return F.affine_grid(theta, [len(centre), 1, side, side], align_corners=False), spans
 
 
+def connected_to_middle(mask: torch.Tensor) -> torch.Tensor:
+    """mask [N, W, W] restricted to the pixels 8-connected to its middle (grown from the middle's
+    covered pixels by repeated 3x3 max-pooling inside the mask). Why: the window is wide (room
+    for the coarse centre's error), so a neighbour whose colour lies on the object's blend line
+    (the same colour, or grey between white and black) stays in the mask and bends its moments;
+    objects never overlap, so the neighbour is a separate component. A window whose middle is
+    not covered keeps its whole mask."""
+    side = mask.shape[-1]
+    middle = side // 2
+    inside = mask > 0
+    seed = torch.zeros_like(inside)
+    seed[:, middle - 2 : middle + 2, middle - 2 : middle + 2] = True
+    reach = (inside & seed & (mask > 0.5)).to(mask.dtype)[:, None]
+    allowed = inside.to(mask.dtype)[:, None]
+    for _ in range(side):
+        grown = F.max_pool2d(reach, 3, stride=1, padding=1) * allowed
+        if torch.equal(grown, reach):
+            break
+        reach = grown
+    empty = reach.flatten(1).amax(1) == 0
+    return torch.where(empty[:, None, None], mask, mask * reach[:, 0])
+
+
 def crop_occupancy(
-    fine: torch.Tensor, grid: torch.Tensor, border: torch.Tensor, floor: float
+    fine: torch.Tensor, grid: torch.Tensor, border: torch.Tensor, floor: float, connected: bool
 ) -> dict[str, torch.Tensor]:
     """The object's coverage in a window of a fine frame, read from colour: the world blends an
     object's colour c over the background b by its coverage a, so a pixel p gives
@@ -190,6 +216,8 @@ def crop_occupancy(
     # Pixels off the line from b to c are another object's (several objects in a clip): none.
     off = crop - border[..., None, None] - alpha[:, None] * away[..., None, None]
     mask = mask * ((off * off).sum(1) < OFF_LINE**2 * norm2)
+    if connected:
+        mask = connected_to_middle(mask)
     coords = (torch.arange(side, device=crop.device, dtype=crop.dtype) + 0.5) / side
     grid_x = coords.view(1, 1, side).expand(len(crop), side, side)
     grid_y = coords.view(1, side, 1).expand(len(crop), side, side)
@@ -252,6 +280,25 @@ def candidate_peaks(
     return centres, colours, torch.stack(values, 1) > 0
 
 
+MOMENT_LOW = (0.0, 0.0, -0.1, -2.0, 0.0)
+MOMENT_HIGH = (0.5, 0.5, 0.1, 2.0, 3.0)
+"""Bounds of the moments the heads read: well beyond any lone shape's (second moments over area
+0.08 to 0.10, skew -0.55 to 0, cross <= 1), so an empty or cluttered window (a clip with several
+objects) cannot swing the heads' batch statistics, which are taken over a few clips."""
+
+
+def bounded_moments(moments: torch.Tensor) -> torch.Tensor:
+    """moments [..., 5] clamped to [MOMENT_LOW, MOMENT_HIGH]."""
+    low = torch.tensor(MOMENT_LOW, device=moments.device, dtype=moments.dtype)
+    high = torch.tensor(MOMENT_HIGH, device=moments.device, dtype=moments.dtype)
+    return torch.maximum(torch.minimum(moments, high), low)
+
+
+HINT_WEIGHT = 10.0
+"""What a candidate gains per attribute of the hint it matches (`WorldCaptionerNet._centres`):
+more than any coverage difference (log areas differ by under 3), so a match outranks size."""
+
+
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {
     "colour": ("rgb", "border"),
     "background": ("border",),
@@ -287,11 +334,18 @@ class WorldCaptionerNet(nn.Module):
         )
 
     def forward(
-        self, pixels: torch.Tensor, fine: torch.Tensor, progress: torch.Tensor, aux: torch.Tensor
+        self,
+        pixels: torch.Tensor,
+        fine: torch.Tensor,
+        progress: torch.Tensor,
+        aux: torch.Tensor,
+        hint: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """pixels [B, K, 3, S, S] in [0, 1]; fine [B, K, 3, F, F] uint8 (the same frames, less
         shrunk); progress [B, K] (frame index / (T - 1), 0 for images); aux [B, 3] (width /
-        height, frames T - 1 between the first and last, is_image). Returns logits [B, n] per
+        height, frames T - 1 between the first and last, is_image); hint [B, 2] (the colour and
+        shape class the sample's alt-text names, -1 where it names none; used by a trained
+        network to choose the object, `_centres`). Returns logits [B, n] per
         HEADS name, "position" [B, 2] (start centre, fractions; refined by the crop), "track"
         [B, K, 2] (the attention's centre in every frame), "occupancy" [B, K, S, S] (mask logits),
         "fine_mask" [B, K, W, W] (the crops' coverage) and "inputs/NAME" [B, width] (what each
@@ -300,9 +354,13 @@ class WorldCaptionerNet(nn.Module):
         per_frame = self.frames(pixels.flatten(0, 1))  # B*K ...
         fine_pixels = fine.flatten(0, 1).float() / 255
         aspect = aux[:, 0].repeat_interleave(count)
-        centre = self._centres(per_frame, pixels.flatten(0, 1), fine_pixels, batch, count, aspect)
+        centre = self._centres(
+            per_frame, pixels.flatten(0, 1), fine_pixels, (batch, count), aspect, hint
+        )
         grid, spans = crop_window(centre, aspect, self.config)
-        crops = crop_occupancy(fine_pixels, grid, per_frame["border"], self.config.floor)
+        crops = crop_occupancy(
+            fine_pixels, grid, per_frame["border"], self.config.floor, self.config.connected
+        )
         per_frame["fine_centroid"] = centre + crops["offset"] * spans
         per_frame.update({f"fine_{k}": v for k, v in crops.items() if k != "offset"})
         per_frame = {k: v.view(batch, count, *v.shape[1:]) for k, v in per_frame.items()}
@@ -321,17 +379,20 @@ class WorldCaptionerNet(nn.Module):
         per_frame: dict[str, torch.Tensor],
         pixels: torch.Tensor,
         fine: torch.Tensor,
-        batch: int,
-        count: int,
+        sizes: tuple[int, int],
         aspect: torch.Tensor,
+        hint: torch.Tensor | None,
     ) -> torch.Tensor:
         """Where the main object is in each frame [B*K, 2]. Why: with several objects the
         attention often lands on another one. The main object is the largest, so in the first
         frame each candidate (the attention's centre and the peaks of `candidate_peaks`) gets a
         native-scale window, and the one whose coverage is largest is kept (a triangle's area
-        counted 1.7 times: it covers 0.58 of a disc of the same size). Later frames keep the
-        candidate nearest the previous centre in place and colour. No parameters, no labels."""
+        counted 1.7 times: it covers 0.58 of a disc of the same size). With a hint, candidates
+        whose colour and shape the heads read as the hint's come first (`_hint_matches`): two
+        objects of one size look alike in size, and the alt-text names the main one. Later frames
+        keep the candidate nearest the previous centre in place and colour. No parameters."""
         config = self.config
+        batch, count = sizes
         peaks, colours, valid = candidate_peaks(
             pixels, per_frame["border"], config.candidates, config.suppress, config.contrast
         )
@@ -346,10 +407,14 @@ class WorldCaptionerNet(nn.Module):
         border = per_frame["border"][first].repeat_interleave(width, 0)  # B*M 3
         starts = peaks[:, 0].flatten(0, 1)  # B*M 2
         grid, spans = crop_window(starts, aspect[first].repeat_interleave(width), config)
-        crops = crop_occupancy(fine[first].repeat_interleave(width, 0), grid, border, config.floor)
+        crops = crop_occupancy(
+            fine[first].repeat_interleave(width, 0), grid, border, config.floor, config.connected
+        )
         distinct = (crops["colour"] - border).abs().mean(-1) > config.contrast
         triangle = crops["moments"][:, 3] < -0.25
         score = crops["area"].clamp_min(1e-4).log() + triangle * math.log(1.7)
+        if hint is not None:
+            score = score + HINT_WEIGHT * self._hint_matches(crops, border, hint, width)
         keep = valid[:, 0] & distinct.view(batch, width)
         best = score.view(batch, width).masked_fill(~keep, -math.inf).argmax(1)
         rows = torch.arange(batch, device=pixels.device)
@@ -362,9 +427,23 @@ class WorldCaptionerNet(nn.Module):
             # Centre the window on the picked object's centre of mass (a peak is whole pixels).
             start, frame = peaks[rows, k, pick], first + k
             grid, spans = crop_window(start, aspect[frame], config)
-            crop = crop_occupancy(fine[frame], grid, per_frame["border"][frame], config.floor)
+            crop = crop_occupancy(
+                fine[frame], grid, per_frame["border"][frame], config.floor, config.connected
+            )
             chosen.append(start + crop["offset"] * spans)
         return torch.stack(chosen, 1).flatten(0, 1)
+
+    def _hint_matches(
+        self, crops: dict[str, torch.Tensor], border: torch.Tensor, hint: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """How many of the hint's attributes [B*M] each first-frame candidate's window shows:
+        its colour and its shape as the trained heads read them from that window alone (its
+        colour, and its first-frame moments standing in for their mean over frames)."""
+        moments = bounded_moments(crops["moments"])
+        colour = self.heads["colour"](torch.cat([crops["colour"], border], -1)).argmax(-1)
+        shape = self.heads["shape"](torch.cat([moments, moments], -1)).argmax(-1)
+        wanted = hint.repeat_interleave(width, 0)  # B*M 2
+        return (colour == wanted[:, 0]).float() + (shape == wanted[:, 1]).float()
 
     @staticmethod
     def _summarise(
@@ -374,13 +453,9 @@ class WorldCaptionerNet(nn.Module):
         centre and log area over clip progress (least squares: any frame count and spacing reads
         the same)."""
         centroid = per_frame["fine_centroid"]  # B K 2
-        # Bounded: an empty or cluttered window (a clip with several objects) must not swing the
-        # heads' batch statistics, which are taken over a few clips. The bounds are well beyond
-        # any lone shape's (second moments over area 0.08 to 0.10, skew -0.55 to 0, cross <= 1).
+        # Bounded, as the moments (`bounded_moments`): a cluttered window must not swing them.
         fine_log_area = per_frame["fine_area"].clamp_min(0.01).log()  # B K
-        low = torch.tensor([0.0, 0.0, -0.1, -2.0, 0.0], device=progress.device)
-        high = torch.tensor([0.5, 0.5, 0.1, 2.0, 3.0], device=progress.device)
-        moments = torch.maximum(torch.minimum(per_frame["fine_moments"], high), low)  # B K 5
+        moments = bounded_moments(per_frame["fine_moments"])  # B K 5
         centred = progress - progress.mean(1, keepdim=True)  # B K
         spread = (centred * centred).sum(1).clamp_min(1e-6)  # B
         slope_xy = (centred.unsqueeze(-1) * centroid).sum(1) / spread.unsqueeze(-1)  # B 2

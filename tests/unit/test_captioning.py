@@ -121,6 +121,33 @@ def test_llava_onevision_captions_clips_of_any_length(tmp_path: Path) -> None:
     assert batched == [adapter.caption([clip], "Describe.", 6)[0] for clip in clips]
 
 
+def test_each_prompt_shows_its_own_clips_hint(tiny_vlm: Path, tmp_path: Path) -> None:
+    """`{hint}` in the instruction becomes each clip's own caption (its alt-text) in its prompt,
+    for both adapter families."""
+    llava = load_adapter(build_tiny_llava_onevision(tmp_path / "llava"))
+    frames = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+    clips = [Clip(k, frames, False, 4.0, hint=f"{k} circle clip") for k in ("red", "blue")]
+    for adapter in (load_adapter(tiny_vlm), llava):
+        inputs = adapter.inputs(clips, "Describe. The original caption: {hint}")
+        texts = adapter.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+        for clip, text in zip(clips, texts, strict=True):
+            assert f"The original caption: {clip.hint}" in text, text
+
+
+def test_a_hint_is_refused_where_it_would_go_unread(world_shards: Path, tiny_vlm: Path) -> None:
+    with pytest.raises(ValueError, match="no \\{hint\\}"):
+        CaptionConfig(model=str(tiny_vlm), hint_field="detailed")
+    with pytest.raises(ValueError, match="hint_field is null"):
+        CaptionConfig(model=str(tiny_vlm), instruction="Describe; the alt-text says {hint}")
+    CaptionConfig(model="world", hint_field="alt_text")  # the world captioner reads it itself
+    config = CaptionConfig(model=str(tiny_vlm), instruction="Say {hint}", hint_field="alt_text")
+    assert caption_identity(config)["hint_field"] == "alt_text"
+    assert "hint_field" not in caption_identity(CaptionConfig(model=str(tiny_vlm)))
+    shard = sorted(world_shards.glob("*.tar"))[0]
+    with pytest.raises(ValueError, match=f"{shard}: .* has no 'alt_text' caption"):
+        caption_shards([shard], world_shards.parent / "hinted", config, caption_identity(config))
+
+
 def test_captions_are_added_beside_the_samples_own(captioned, world_shards: Path) -> None:
     out, hashes = captioned
     assert hashes == {p.name: file_sha256(p) for p in world_shards.glob("*.tar")}  # untouched

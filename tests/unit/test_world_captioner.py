@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -21,6 +23,7 @@ from sora_lightning.data.sources import DatasetConfig
 from sora_lightning.models.world_captioner import (
     WorldCaptionerConfig,
     WorldCaptionerNet,
+    connected_to_middle,
     crop_occupancy,
     crop_window,
 )
@@ -30,13 +33,15 @@ SCENES = {"max_objects": 1, "speed_scale": 1.0}
 LENGTHS = (5, 9, 17, 33)
 
 
-def _alt_shards(out: Path, clips: int, images: int, fraction: float) -> list[Path]:
+def _alt_shards(
+    out: Path, clips: int, images: int, fraction: float, max_objects: int = 1
+) -> list[Path]:
     ingest.shards_from_world(
         out,
         num_clips=clips,
         num_images=images,
         seed=0,
-        max_objects=1,
+        max_objects=max_objects,
         captions="alt_text",
         labelled_fraction=fraction,
         max_count=200,
@@ -50,9 +55,10 @@ def _read(sample: RawSample) -> Clip:
     return read_clip(sample, 8, 448, 1, ends=True)[0]
 
 
-def _truth(key: str) -> world.Scene:
+def _truth(key: str, max_objects: int = 1) -> world.Scene:
     kind = "clip" if key.startswith("world_clip") else "image"
-    return ingest.world_scene(kind, int(key[-7:]), 0, LENGTHS, SCENES)
+    scenes = {**SCENES, "max_objects": max_objects}
+    return ingest.world_scene(kind, int(key[-7:]), 0, LENGTHS, scenes)
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +142,42 @@ def test_caption_step_writes_world_captions_beside_the_alt_text(
         captioning.main(
             [*args[:2], "--output", str(tmp_path / "other"), "--model", "world", *parts]
         )
+    # Told each sample's alt-text (the same model): captions of another source, so another cache.
+    hinted = tmp_path / "hinted"
+    shutil.copytree(out / "world_model", hinted / "world_model")
+    hint_args = [*args[:2], "--output", str(hinted), "--model", "world", "--hint-field", "alt_text"]
+    assert captioning.main(hint_args) == 0
+    hinted_meta = json.loads((hinted / "meta.json").read_text())
+    assert hinted_meta["num_captioned"] == 48 and hinted_meta["source"] != meta["source"]
+    assert hinted_meta["identity"] == {**meta["identity"], "hint_field": "alt_text"}
 
 
-def _measure(shards: list[Path], steps: int, tmp_path: Path) -> dict[str, float | int]:
+def test_hints_name_colour_and_shape_classes() -> None:
+    assert world_captioner.hint_classes("Red circle clip") == (
+        world_captioner.VOCAB["colour"].index("red"),
+        world_captioner.VOCAB["shape"].index("circle"),
+    )
+    assert world_captioner.hint_classes("a clip") == (-1, -1)
+    clips = [Clip("a", np.zeros((1, 48, 64, 3), np.uint8), True, hint="a clip")] * 2
+    assert world_captioner.clip_tensors(clips, 1, WorldCaptionerConfig()).hint is None
+
+
+def _measure(
+    shards: list[Path], steps: int, tmp_path: Path, max_objects: int = 1
+) -> dict[str, float | int]:
+    """Held-out accuracy of a captioner trained on the shards' labelled clips; with several
+    objects, of those clips only, each told its alt-text (`caption.hint_field=alt_text`)."""
     recipe = world_captioner.WorldTrainConfig(steps=steps)
     captioner = world_captioner.train_or_load(shards, tmp_path / "model", _read, 8, 448, recipe)
     clips, scenes = [], []
     for sample in iter_shard_samples([str(s) for s in shards]):
         if "scene" not in sample.meta:  # held out: the captioner never saw its truth
-            clips.append(_read(sample))
-            scenes.append(_truth(sample.key))
+            scene = _truth(sample.key, max_objects)
+            if max_objects == 1 or len(scene.objects) > 1:
+                clip = _read(sample)
+                clip.hint = sample.meta["captions"]["alt_text"] if max_objects > 1 else ""
+                clips.append(clip)
+                scenes.append(scene)
     return world_captioner.accuracy(captioner.attributes(clips), scenes)
 
 
@@ -165,7 +197,9 @@ def test_coverage_read_from_colour_tells_shapes_and_sizes_apart(size: str) -> No
             centre, aspect = torch.tensor([[0.45, 0.55]]), torch.tensor([width / height])
             grid, _ = crop_window(centre, aspect, config)
             border = torch.tensor([world.BACKGROUNDS["navy"]]) / 255
-            crop = crop_occupancy(batch.fine[:, 0].float() / 255, grid, border, config.floor)
+            crop = crop_occupancy(
+                batch.fine[:, 0].float() / 255, grid, border, config.floor, config.connected
+            )
             skew, cross = crop["moments"][0, 3:].tolist()
             expected = {"circle": (0.0, 2 / 3), "square": (0.0, 1.0), "triangle": (-0.5, 0.8)}
             assert skew == pytest.approx(expected[shape][0], abs=0.1), (resolution, shape)
@@ -175,6 +209,30 @@ def test_coverage_read_from_colour_tells_shapes_and_sizes_apart(size: str) -> No
     for shape, measured in areas.items():
         relative = {"circle": math.pi, "square": 3.24, "triangle": 1.87}[shape] * radius**2
         assert measured == pytest.approx([relative] * len(measured), rel=0.15), shape
+
+
+def test_a_same_colour_neighbour_is_cut_from_the_window() -> None:
+    """A neighbour of the object's own colour passes the colour test, so the mask keeps only what
+    is connected to the window's middle: the square reads as a square whether or not a red disc
+    sits beside it, and a window whose middle is empty keeps its whole mask."""
+    config = WorldCaptionerConfig()
+    square = world.ObjectSpec("square", "red", "medium", "still", "slow", 0.45, 0.5)
+    disc = world.ObjectSpec("circle", "red", "small", "still", "slow", 0.78, 0.3)
+    reads = []
+    for objects in ((square,), (square, disc)):
+        frame = world.render(world.Scene(objects, "navy", 64, 48, 1))
+        batch = world_captioner.clip_tensors([Clip("n", frame, True, 0.0, (0,), 1)], 1, config)
+        grid, _ = crop_window(torch.tensor([[0.45, 0.5]]), torch.tensor([64 / 48]), config)
+        border = torch.tensor([world.BACKGROUNDS["navy"]]) / 255
+        fine = batch.fine[:, 0].float() / 255
+        reads.append([crop_occupancy(fine, grid, border, config.floor, c) for c in (True, False)])
+    alone, beside = reads
+    assert beside[0]["area"].item() == pytest.approx(alone[0]["area"].item(), rel=1e-4)
+    assert beside[1]["area"].item() > 1.1 * alone[0]["area"].item()  # without the cut
+    assert beside[0]["moments"][0, 4].item() == pytest.approx(1.0, abs=0.1)
+    ring = torch.zeros(1, 8, 8)
+    ring[0, 0] = 1.0
+    assert torch.equal(connected_to_middle(ring), ring)
 
 
 def test_the_window_goes_to_the_largest_object_without_training() -> None:
@@ -215,10 +273,33 @@ def held_out_scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float
     return scores
 
 
+@pytest.fixture(scope="module")
+def several_objects_scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float | int]:
+    """The demo's mix (1 to 3 objects a clip), a tenth labelled (150 samples), the default
+    recipe, scored on the held-out clips with several objects (about 480), each told its
+    alt-text, which names the main object where two share the largest size (about 3 minutes)."""
+    tmp = tmp_path_factory.mktemp("several")
+    shards = _alt_shards(tmp / "shards", 1000, 400, 0.1, max_objects=3)
+    scores = _measure(shards, world_captioner.WorldTrainConfig().steps, tmp, max_objects=3)
+    print(json.dumps(scores))
+    return scores
+
+
+ATTRIBUTES = ("colour", "shape", "size", "motion", "speed", "position", "background")
+
+
 @pytest.mark.slow
 def test_captioner_reaches_95_percent_on_every_attribute(
     held_out_scores: dict[str, float | int],
 ) -> None:
-    names = ("colour", "shape", "size", "motion", "speed", "position", "background")
-    for name in names:
+    for name in ATTRIBUTES:
         assert held_out_scores[name] >= 0.95, (name, held_out_scores)
+
+
+@pytest.mark.slow
+def test_captioner_reaches_95_percent_on_the_main_object_among_several(
+    several_objects_scores: dict[str, float | int],
+) -> None:
+    assert several_objects_scores["count"] > 300
+    for name in ATTRIBUTES:
+        assert several_objects_scores[name] >= 0.95, (name, several_objects_scores)

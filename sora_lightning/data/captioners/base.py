@@ -29,6 +29,19 @@ class Clip:
     """Which frames of the clip were sampled (the world captioner reads motion per frame by them)."""
     total_frames: int = 0
     """Frames in the whole clip (1 for an image; 0: not known)."""
+    hint: str = ""
+    """The sample's own caption under `caption.hint_field` ("" without one): what the source
+    says (web alt-text names the subject), shown to the captioner as `{hint}`."""
+
+
+HINT = "{hint}"
+"""Where an instruction takes the clip's hint (`Clip.hint`)."""
+
+
+def instruction_for(instruction: str, clip: Clip) -> str:
+    """The instruction for one clip: `{hint}` replaced by its hint (plain replace, so other
+    braces in an instruction stay as written)."""
+    return instruction.replace(HINT, clip.hint)
 
 
 class VLMAdapter(Protocol):

@@ -21,6 +21,7 @@ from PIL import Image
 from sora_lightning.data.captioners.base import (
     Clip,
     chat_template,
+    instruction_for,
     load_vlm,
 )
 
@@ -84,7 +85,7 @@ class LlavaOnevisionAdapter:
         """The model's inputs for clips of one frame count (a video batch is one 5-D tensor)."""
         if len({len(clip.frames) for clip in clips}) != 1:
             raise ValueError("one LLaVA-OneVision batch takes clips of one frame count")
-        prompts = [self._prompt(instruction, len(clips[0].frames))] * len(clips)
+        prompts = [self._prompt(instruction_for(instruction, c), len(c.frames)) for c in clips]
         batch = dict(self.tokenizer(prompts, return_tensors="pt", padding=True))
         videos = np.stack([self.pixels(clip.frames) for clip in clips])
         batch["pixel_values_videos"] = torch.from_numpy(videos).to(self.dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sora_lightning.data.captioners.base import Clip, chat_template, load_vlm
+from sora_lightning.data.captioners.base import Clip, chat_template, instruction_for, load_vlm
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -136,7 +136,8 @@ class QwenVLAdapter:
             if kind == "video":
                 fps = clip.sampled_fps or 1.0
                 seconds.append(self.vision.temporal_patch_size / fps)
-            prompts.append(self._prompt(clip, instruction, int(np.prod(grid)) // merge))
+            text = instruction_for(instruction, clip)
+            prompts.append(self._prompt(clip, text, int(np.prod(grid)) // merge))
         batch = dict(self.tokenizer(prompts, return_tensors="pt", padding=True))
         ids = batch["input_ids"]
         token_types = torch.zeros_like(ids)

@@ -80,12 +80,26 @@ class Batch:
     fine: torch.Tensor
     progress: torch.Tensor
     aux: torch.Tensor
+    hint: torch.Tensor | None = None
+    """[B, 2] colour and shape classes each clip's hint names (-1: none); None: no hints."""
 
     def __getitem__(self, picked: torch.Tensor | slice) -> Batch:
         """The picked clips."""
+        hint = None if self.hint is None else self.hint[picked]
         return Batch(
-            self.pixels[picked], self.fine[picked], self.progress[picked], self.aux[picked]
+            self.pixels[picked], self.fine[picked], self.progress[picked], self.aux[picked], hint
         )
+
+
+def hint_classes(hint: str) -> tuple[int, int]:
+    """The colour and shape classes a hint names ("red circle clip" -> red, circle), -1 for
+    either it leaves out: what the captioner is told of the main object."""
+    words = hint.lower().replace(",", " ").split()
+    found = []
+    for name in ("colour", "shape"):
+        index = next((VOCAB[name].index(w) for w in words if w in VOCAB[name]), -1)
+        found.append(index)
+    return found[0], found[1]
 
 
 def _resize(frames: torch.Tensor, side: int) -> torch.Tensor:
@@ -112,9 +126,9 @@ def clip_tensors(clips: Sequence[Clip], frames: int, config: WorldCaptionerConfi
         fine.append(torch.cat([detail, detail[-1:].expand(pad, -1, -1, -1)]))
         progress.append(torch.tensor(times + times[-1:] * pad))
         aux.append(torch.tensor([width / height, float(total - 1), float(total == 1)]))
-    return Batch(
-        torch.stack(pixels), torch.stack(fine), torch.stack(progress).float(), torch.stack(aux)
-    )
+    hints = torch.tensor([hint_classes(clip.hint) for clip in clips], dtype=torch.long)
+    stacked = (torch.stack(pixels), torch.stack(fine), torch.stack(progress).float())
+    return Batch(*stacked, torch.stack(aux), hints if bool((hints >= 0).any()) else None)
 
 
 def _track(scene: world.Scene, clip: Clip, frames: int) -> list[list[float]]:
@@ -264,9 +278,10 @@ def refit_heads(
 
 
 def predict(net: WorldCaptionerNet, batch: Batch) -> list[dict[str, Any]]:
-    """Attributes of each clip's main object (the class with the highest logit; x0, y0)."""
+    """Attributes of each clip's main object (the class with the highest logit; x0, y0); the
+    object the clip's hint names, where it has one."""
     with torch.inference_mode():
-        out = net(batch.pixels, batch.fine, batch.progress, batch.aux)
+        out = net(batch.pixels, batch.fine, batch.progress, batch.aux, batch.hint)
     picks = {name: out[name].argmax(-1).tolist() for name in HEADS}
     rows = []
     for index, (x0, y0) in enumerate(out["position"].tolist()):
