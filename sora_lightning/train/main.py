@@ -96,6 +96,10 @@ def validate(cfg: DictConfig) -> None:
         _check_conditioning(cfg)
     if cfg.task == "vae" and int(cfg.vae_train.get("crop_tries", 1)) < 1:  # before any work
         raise ValueError(f"vae_train.crop_tries must be >= 1, got {cfg.vae_train.crop_tries}")
+    if cfg.task == "vae" and float(cfg.vae_train.get("salience_weight", 0.0)) < 0:
+        raise ValueError(
+            f"vae_train.salience_weight must be >= 0, got {cfg.vae_train.salience_weight}"
+        )
     try:
         SamplingConfig.from_config(cfg.sampling)
     except ValueError as error:
@@ -314,6 +318,7 @@ def train_vae(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         kl_weight=hp.kl_weight,
         sample_posterior=hp.get("sample_posterior", True),
         seed=cfg.seed,
+        salience_weight=float(hp.get("salience_weight", 0.0)),
     )
     datamodule = _vae_datamodule(cfg, steps)
     trainer = build_trainer(cfg, run_dir, steps, [ThroughputMonitor(), _bad_data_monitor(cfg)])

@@ -37,13 +37,34 @@ def vae_loss(
     l1_weight: float,
     mse_weight: float,
     kl_weight: float,
+    salience_weight: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Weighted reconstruction and KL terms; KL is per latent element so its weight is size-independent."""
-    l1 = (recon - target).abs().mean()
-    mse = (recon - target).pow(2).mean()
+    """Weighted reconstruction and KL terms; KL is per latent element so its weight is size-independent.
+
+    `salience_weight` > 0 weights each pixel's error by `salience` (mean 1 over the batch)."""
+    weight = salience(target, salience_weight) if salience_weight > 0 else None
+    error = (recon - target).abs()
+    l1 = error.mean() if weight is None else (weight * error).mean()
+    mse = error.pow(2).mean() if weight is None else (weight * error.pow(2)).mean()
     kl = kl_per_sample.mean() / num_latent
     total = l1_weight * l1 + mse_weight * mse + kl_weight * kl
     return {"loss": total, "l1": l1, "mse": mse, "kl": kl}
+
+
+SALIENCE_SCALE = 0.5
+"""Distance (model range [-1, 1], RGB norm) from the frame's mean colour at which a pixel counts
+as fully salient: half a world object's typical contrast with its background."""
+
+
+def salience(target: Tensor, strength: float) -> Tensor:
+    """Per-pixel weights [B, 1, T, H, W], mean 1: 1 + strength * s, s the pixel's RGB distance
+    from its frame's mean colour over SALIENCE_SCALE (at most 1). Why: objects on a plain
+    background (the world's) are a few percent of the pixels, so a mean loss barely moves when
+    they change hue; the demo VAE decoded red as orange at every size (docs/demo-vae-2026-12-07.md)."""
+    mean = target.mean(dim=(-2, -1), keepdim=True)
+    distance = (target - mean).norm(dim=1, keepdim=True)
+    weight = 1 + strength * (distance / SALIENCE_SCALE).clamp(max=1)
+    return weight / weight.mean()
 
 
 class VAEModule(L.LightningModule):
@@ -62,6 +83,7 @@ class VAEModule(L.LightningModule):
         kl_weight: float = 1e-4,
         sample_posterior: bool = True,
         seed: int = 0,
+        salience_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +105,7 @@ class VAEModule(L.LightningModule):
             l1_weight=self.hparams.l1_weight,
             mse_weight=self.hparams.mse_weight,
             kl_weight=self.hparams.kl_weight,
+            salience_weight=self.hparams.get("salience_weight", 0.0),
         )
         self.log_dict({f"vae/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
         self.log("train/loss", terms["loss"].detach(), prog_bar=True)

@@ -76,6 +76,11 @@ def test_bad_config_rejected_before_work() -> None:
         cfg = compose("train", overrides=["task=vae", "data.shards=x", "vae_train.crop_tries=0"])
     with pytest.raises(ValueError, match="vae_train.crop_tries must be >= 1, got 0"):
         validate(cfg)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        overrides = ["task=vae", "data.shards=x", "vae_train.salience_weight=-1"]
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ValueError, match="vae_train.salience_weight must be >= 0, got -1"):
+        validate(cfg)
 
 
 def test_all_yaml_files_are_covered() -> None:

@@ -244,3 +244,23 @@ def test_frame_conv3d_matches_native_for_one_and_many_clips() -> None:
         torch.testing.assert_close(conv(x), torch.nn.Conv3d.forward(conv, x))
     with pytest.raises(ValueError, match="temporal padding 0"):
         conv3d_via_conv2d(x, conv.weight, conv.bias, (1, 1, 1), (1, 1, 1))
+
+
+def test_salience_weights_pixels_unlike_their_frame_and_zero_is_the_plain_loss() -> None:
+    """A small object on a plain background weighs 1 + strength times a background pixel (mean
+    weight 1); strength 0 gives the unweighted L1 + MSE."""
+    from sora_lightning.train.vae_module import salience, vae_loss
+
+    target = torch.full((1, 3, 2, 32, 32), -0.8)
+    target[:, 0, :, 4:6, 4:6] = 0.8  # a small red square on a dark frame
+    weight = salience(target, 4.0)
+    assert weight.shape == (1, 1, 2, 32, 32) and weight.mean().item() == pytest.approx(1.0)
+    assert weight[0, 0, 0, 5, 5] / weight[0, 0, 0, 20, 20] == pytest.approx(5.0, rel=0.1)
+    recon = target + 0.1 * torch.randn_like(target)
+    kl = torch.zeros(1)
+    plain = vae_loss(recon, target, kl, 1, l1_weight=1.0, mse_weight=1.0, kl_weight=0.0)
+    assert plain["l1"] == pytest.approx((recon - target).abs().mean().item())
+    weighted = vae_loss(
+        recon, target, kl, 1, l1_weight=1.0, mse_weight=1.0, kl_weight=0.0, salience_weight=4.0
+    )
+    assert weighted["l1"] == pytest.approx((weight * (recon - target).abs()).mean().item())
