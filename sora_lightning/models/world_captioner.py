@@ -6,11 +6,12 @@ spatial soft-argmax (the expectation of pixel coordinates under a softmax, as in
 classified from pooled features. Shape and size are read at the world's native scale (at 32
 pixels a small object is 3 to 4 pixels wide, too few to tell a disc from a square): a window
 around the object's centre is cut from frames kept at full resolution, the object's coverage and
-colour in it are read from colour (`crop_occupancy`), and that mask's area and moments feed those
-heads. Its centre of mass refines the centre. With several objects the window goes to the
-largest (the main object): candidates from the attention and from the frame's own peaks
-(`candidate_peaks`) are each read at native scale in the first frame, the largest is kept and then
-followed (`WorldCaptionerNet._centres`). Motion is read from how the centres, the mask's area and
+colour in it are read from colour (`crop_occupancy`, keeping only the part connected to the
+window's middle), and that mask's area and moments feed those heads. Its centre of mass refines
+the centre. With several objects the window goes to the largest (the main object), or to the one
+the sample's alt-text names when it is given as a hint: candidates from the attention and from
+the frame's own peaks (`candidate_peaks`) are each read at native scale in the first frame, the
+best is kept and then followed (`WorldCaptionerNet._centres`). Motion is read from how the centres, the mask's area and
 its moments change across the sampled frames. Plain torch: the training loop and I/O live in
 `sora_lightning/data/captioners/world.py`.
 
