@@ -11,9 +11,9 @@ window's middle), and that mask's area and moments feed those heads. Its centre 
 the centre. With several objects the window goes to the largest (the main object), or to the one
 the sample's alt-text names when it is given as a hint: candidates from the attention and from
 the frame's own peaks (`candidate_peaks`) are each read at native scale in the first frame, the
-best is kept and then followed (`WorldCaptionerNet._centres`). Motion is read from how the centres, the mask's area and
-its moments change across the sampled frames. Plain torch: the training loop and I/O live in
-`sora_lightning/data/captioners/world.py`.
+best is kept and then followed (`WorldCaptionerNet._centres`). Motion is read from how the
+centres, the mask's area and its moments change across the sampled frames. Plain torch: the
+training loop and I/O live in `sora_lightning/data/captioners/world.py`.
 
 Shape legend: B clips, K frames per clip, C channels, S frame side after resizing, F fine frame
 side, W window (crop) side.
@@ -202,8 +202,9 @@ def crop_occupancy(
     moments weight far pixels by up to distance^4. No parameters: it needs no labels to learn.
 
     fine [N, 3, F, F] in [0, 1], grid from `crop_window`, border [N, 3] -> mask [N, W, W],
-    colour [N, 3] (the window's middle), area [N] (fraction of the window), moments [N, 5] and offset [N, 2] (centre of mass minus
-    the window's centre, in window sides)."""
+    colour [N, 3] (the mean of the pixels it fully covers; the window's middle if none), area
+    [N] (fraction of the window), moments [N, 5] and offset [N, 2] (centre of mass minus the
+    window's centre, in window sides)."""
     # Objects never touch the frame's edge, so a window past it repeats the background.
     crop = F.grid_sample(fine, grid, padding_mode="border", align_corners=False)  # N 3 W W
     side = crop.shape[-1]
@@ -439,12 +440,17 @@ class WorldCaptionerNet(nn.Module):
     ) -> torch.Tensor:
         """How many of the hint's attributes [B*M] each first-frame candidate's window shows:
         its colour and its shape as the trained heads read them from that window alone (its
-        colour, and its first-frame moments standing in for their mean over frames)."""
+        colour, and its first-frame moments standing in for their mean over frames), fed in the
+        order `HEAD_INPUTS` gives."""
         moments = bounded_moments(crops["moments"])
-        colour = self.heads["colour"](torch.cat([crops["colour"], border], -1)).argmax(-1)
-        shape = self.heads["shape"](torch.cat([moments, moments], -1)).argmax(-1)
+        features = {"rgb": crops["colour"], "border": border}
+        features.update(fine_moments=moments, fine_moments_mean=moments)
         wanted = hint.repeat_interleave(width, 0)  # B*M 2
-        return (colour == wanted[:, 0]).float() + (shape == wanted[:, 1]).float()
+        matches = torch.zeros(len(wanted), device=wanted.device)
+        for column, name in enumerate(("colour", "shape")):
+            inputs = torch.cat([features[k] for k in HEAD_INPUTS[name]], -1)
+            matches += (self.heads[name](inputs).argmax(-1) == wanted[:, column]).float()
+        return matches
 
     @staticmethod
     def _summarise(

@@ -95,11 +95,11 @@ def hint_classes(hint: str) -> tuple[int, int]:
     """The colour and shape classes a hint names ("red circle clip" -> red, circle), -1 for
     either it leaves out: what the captioner is told of the main object."""
     words = hint.lower().replace(",", " ").split()
-    found = []
-    for name in ("colour", "shape"):
-        index = next((VOCAB[name].index(w) for w in words if w in VOCAB[name]), -1)
-        found.append(index)
-    return found[0], found[1]
+    colour, shape = (
+        next((VOCAB[name].index(w) for w in words if w in VOCAB[name]), -1)
+        for name in ("colour", "shape")
+    )
+    return colour, shape
 
 
 def _resize(frames: torch.Tensor, side: int) -> torch.Tensor:
