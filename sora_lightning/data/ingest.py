@@ -153,6 +153,7 @@ def shards_from_world(
     clip_lengths: Sequence[int] | None = None,
     max_objects: int = 3,
     speed_scale: float = 1.0,
+    path_spread: float | None = None,
     captions: str = "full",
     labelled_fraction: float = 0.1,
     **options: object,
@@ -162,8 +163,8 @@ def shards_from_world(
     Deterministic in `seed`: sample i is drawn from its own generator seeded (seed, kind, i), so
     the same seed gives the same scenes, records and images (clip bytes: see `encode_mp4`).
     Clips and images are interleaved evenly; an array task (`num_parts`) takes every
-    num_parts-th sample of that interleaved order. `max_objects` and `speed_scale` configure the
-    world (`world.sample_scene`; the CPU demo uses one fast object). `options` are the fields of `Output`
+    num_parts-th sample of that interleaved order. `max_objects`, `speed_scale` and `path_spread`
+    configure the world (`world.sample_scene`). `options` are the fields of `Output`
     (max_count, max_size, overwrite, progress, workers, num_parts, part).
     `captions`: "full" (short + detailed, the scene's truth in the record) or "alt_text" (terse
     web-style alt-text only; `labelled_fraction` of samples, by a hash of the key, keep the
@@ -188,6 +189,9 @@ def shards_from_world(
     request = {"world_clips": num_clips, "world_images": num_images, "seed": seed}
     request.update(clip_lengths=list(lengths), max_objects=max_objects, speed_scale=speed_scale)
     scenes = {"max_objects": max_objects, "speed_scale": speed_scale}
+    if path_spread is not None:  # a request without it stays the one older runs recorded
+        request.update(path_spread=path_spread)
+        scenes.update(path_spread=path_spread)
     if captions != "full":  # a request without these keys stays the one older runs recorded
         request.update(captions=captions, labelled_fraction=labelled_fraction)
     world.sample_scene(np.random.default_rng(0), num_frames=max(lengths), **scenes)  # fail fast
@@ -813,6 +817,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--world-speed-scale", type=float, default=1.0, help="multiplier on world object speeds"
     )
     parser.add_argument(
+        "--world-path-spread",
+        type=float,
+        default=None,
+        help="translating objects' path midpoints within this share of the frame from its centre",
+    )
+    parser.add_argument(
         "--world-captions", choices=WORLD_CAPTIONS, default="full", help="full or alt_text only"
     )
     parser.add_argument(
@@ -874,6 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             clip_lengths=args.world_clip_lengths,
             max_objects=args.world_max_objects,
             speed_scale=args.world_speed_scale,
+            path_spread=args.world_path_spread,
             captions=args.world_captions,
             labelled_fraction=args.world_labelled_fraction,
             **common,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sora_lightning.data import world
 from sora_lightning.data.shards import BadSampleCounter, iter_shard_samples
 from sora_lightning.utils import write_json_atomic
 
@@ -45,6 +46,9 @@ class DatasetConfig:
     """world: at most this many objects per scene (1 to 3)."""
     speed_scale: float = 1.0
     """world: multiplier on object speeds (further per frame, so motion is more of each clip)."""
+    path_spread: float | None = None
+    """world: a translating object's path midpoint lies within this share of the frame from its
+    centre (None: anywhere it fits), so start words and start no longer give the direction away."""
     captions: str = "full"
     """world: "full" (short + detailed captions) or "alt_text" (terse web-style alt-text only)."""
     labelled_fraction: float = 0.1
@@ -71,6 +75,10 @@ class DatasetConfig:
                 f"dataset.max_objects must be 1..3 and dataset.speed_scale > 0, got "
                 f"{self.max_objects} and {self.speed_scale}"
             )
+        try:
+            world.check_path_spread(self.path_spread)
+        except ValueError as error:
+            raise ValueError(f"dataset.{error}") from None
         if self.name not in SOURCES:
             raise ValueError(f"dataset.name={self.name!r} is not one of {SOURCES}")
         if self.captions not in ("full", "alt_text") or not 0.0 <= self.labelled_fraction <= 1.0:

@@ -271,10 +271,20 @@ def render(scene: Scene) -> np.ndarray:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _fit_start(rng: np.random.Generator, extent: float, travel: float, length: int) -> float | None:
-    """Random start (pixels) so [start - extent, start + travel + extent] fits in [0, length]."""
+def _fit_start(
+    rng: np.random.Generator,
+    extent: float,
+    travel: float,
+    length: int,
+    spread: float | None = None,
+) -> float | None:
+    """Random start (pixels) so [start - extent, start + travel + extent] fits in [0, length];
+    with `spread`, the path's midpoint also lies within spread * length of the frame's centre."""
     low = extent + max(0.0, -travel)
     high = length - extent - max(0.0, travel)
+    if spread is not None:
+        centred = length / 2 - travel / 2
+        low, high = max(low, centred - spread * length), min(high, centred + spread * length)
     if high < low:
         return None
     return float(rng.uniform(low, high))
@@ -306,8 +316,10 @@ def _place(
     attrs: tuple[str, str, str, str, str],
     size_res: tuple[int, int, int],
     speed_scale: float = 1.0,
+    path_spread: float | None = None,
 ) -> ObjectSpec | None:
-    """Place an object so it stays inside the frame; downgrade speed, then size, if needed."""
+    """Place an object so it stays inside the frame (and, with `path_spread`, its path near the
+    centre); downgrade speed, then size, if needed."""
     colour, shape, motion, size, speed = attrs
     width, height, num_frames = size_res
     sizes = list(SIZES)[: list(SIZES).index(size) + 1][::-1]
@@ -317,8 +329,9 @@ def _place(
         extent = _extent_px(shape, size_name, motion, width, height)
         for speed_name in speeds:
             travel = SPEEDS[speed_name] * speed_scale * width * (num_frames - 1)
-            start_x = _fit_start(rng, extent, dir_x * travel, width)
-            start_y = _fit_start(rng, extent, dir_y * travel, height)
+            spread = path_spread if motion in _DIRECTIONS else None
+            start_x = _fit_start(rng, extent, dir_x * travel, width, spread)
+            start_y = _fit_start(rng, extent, dir_y * travel, height, spread)
             if start_x is not None and start_y is not None:
                 start = (start_x / width, start_y / height)
                 return ObjectSpec(shape, colour, size_name, motion, speed_name, *start, speed_scale)
@@ -331,6 +344,7 @@ def _sample_object(
     split: str,
     motions: tuple[str, ...],
     speed_scale: float = 1.0,
+    path_spread: float | None = None,
 ) -> ObjectSpec | None:
     """Draw random attributes (respecting the split) and place the object; None if it never fits."""
     for _ in range(100):
@@ -340,10 +354,16 @@ def _sample_object(
         if not _allowed_triple(colour, shape, motion, split):
             continue
         attrs = (colour, shape, motion, str(rng.choice(list(SIZES))), str(rng.choice(list(SPEEDS))))
-        obj = _place(rng, attrs, size_res, speed_scale)
+        obj = _place(rng, attrs, size_res, speed_scale, path_spread)
         if obj is not None:
             return obj
     return None
+
+
+def check_path_spread(path_spread: float | None) -> None:
+    """`sample_scene`'s path_spread must be None or in (0, 0.5] (0.5: the whole frame)."""
+    if path_spread is not None and not 0.0 < path_spread <= 0.5:
+        raise ValueError(f"path_spread must be null or in (0, 0.5], got {path_spread}")
 
 
 def sample_scene(
@@ -355,6 +375,7 @@ def sample_scene(
     split: str = "train",
     motions: tuple[str, ...] = MOTIONS,
     speed_scale: float = 1.0,
+    path_spread: float | None = None,
 ) -> Scene:
     """Sample a random scene: 1-3 non-overlapping objects that stay fully inside the frame.
 
@@ -362,7 +383,12 @@ def sample_scene(
     eval-like clips), "all" has no restriction. `motions` restricts the motion vocabulary (the
     detector's truth check uses EVAL_MOTIONS). resolution: a RESOLUTIONS key, or None for random.
     speed_scale multiplies every object's speed (see `ObjectSpec.speed_scale`).
+    path_spread (clips only; None: anywhere it fits): each object's path midpoint lies within
+    path_spread x (width, height) of the frame's centre. Why: where a clip may start anywhere, its
+    start words ("on the left") predict the direction and its start hides the motion; the CPU demo
+    learns direction words only with paths near the centre (docs/demo-motion-2026-12-08.md).
     """
+    check_path_spread(path_spread)
     if split not in _SPLITS:
         raise ValueError(f"split={split!r} is not one of {_SPLITS}")
     if not 1 <= max_objects <= 3:
@@ -380,7 +406,10 @@ def sample_scene(
     for _ in range(8 * num_objects):
         if len(objects) == num_objects:
             break
-        obj = _sample_object(rng, (width, height, num_frames), split, tuple(motions), speed_scale)
+        spread = path_spread if num_frames > 1 else None
+        obj = _sample_object(
+            rng, (width, height, num_frames), split, tuple(motions), speed_scale, spread
+        )
         if obj is None:
             continue
         if not any(_overlaps(obj, other, width, height, num_frames) for other in objects):

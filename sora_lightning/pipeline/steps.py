@@ -213,6 +213,8 @@ def _shards(cfg: DictConfig, run: Path, _: list[str]) -> list[str]:
     if dataset.name == "world":
         seed += ["--world-max-objects", str(dataset.max_objects)]
         seed += ["--world-speed-scale", str(dataset.speed_scale)]
+        if dataset.path_spread is not None:  # the default run's command (and step hash) stays
+            seed += ["--world-path-spread", str(dataset.path_spread)]
         if dataset.captions != "full":  # the default run's command (and step hash) stays as it was
             seed += ["--world-captions", dataset.captions]
             seed += ["--world-labelled-fraction", str(dataset.labelled_fraction)]

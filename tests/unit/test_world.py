@@ -328,3 +328,30 @@ def test_demo_world_scenes_hold_one_fast_object_inside_the_frame() -> None:
         centre_x = world._trajectory(obj, scene.width, scene.height, 9)[0]
         travel = abs(centre_x[-1] - centre_x[0]) / scene.width
         assert travel >= 0.03 * 8 - 1e-9  # the slow speed x3: a quarter of the width in 9 frames
+
+
+def test_path_spread_centres_translations_and_leaves_the_default_world_unchanged() -> None:
+    """With path_spread, a translating object's path midpoint lies near the frame's centre, so its
+    start words stop giving its direction away; other objects, images and the default world are
+    placed as before."""
+    spread = 0.1
+    default = _scenes(120, seed=7, lengths=(17,))
+    assert default == _scenes(120, seed=7, lengths=(17,), path_spread=None)
+    starts: dict[str, set[str]] = {"left": set(), "right": set()}
+    for scene in _scenes(300, seed=7, lengths=(17,), path_spread=spread):
+        for obj in scene.objects:
+            if obj.motion not in world._DIRECTIONS:
+                continue
+            centre_x, centre_y, _, _ = world._trajectory(obj, scene.width, scene.height, 17)
+            mid_x, mid_y = (centre_x[0] + centre_x[-1]) / 2, (centre_y[0] + centre_y[-1]) / 2
+            assert abs(mid_x / scene.width - 0.5) <= spread + 1e-6
+            assert abs(mid_y / scene.height - 0.5) <= spread + 1e-6
+            if obj.motion in starts:
+                starts[obj.motion].add(world.position_words(obj.x0, obj.y0))
+    assert "on the left" not in starts["left"] and "on the right" not in starts["right"]
+    assert starts["left"] and starts["right"]
+    images = _scenes(50, seed=3, lengths=(1,))
+    assert images == _scenes(50, seed=3, lengths=(1,), path_spread=spread)
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match="path_spread"):
+            _scenes(1, path_spread=bad)
