@@ -82,6 +82,12 @@ def test_motion_probe_reads_true_clips_and_prints_its_curve(
         start = probe.random_start(np.random.default_rng(1), motion, args)
         delta = probe.travel(probe.disc_latent("blue", motion, start, args))
         assert probe.read_motion(delta, true_travel) == motion
+    centred = probe.parse_args(["--tiny", "--centre-jitter", "1"])
+    for motion, (dir_x, dir_y) in probe.DIRECTIONS.items():
+        start_x, start_y = probe.random_start(np.random.default_rng(2), motion, centred)
+        travel = centred.speed * (centred.frames - 1)
+        assert abs(start_x + dir_x * travel / 2 - centred.width / 2) <= 1
+        assert abs(start_y + dir_y * travel / 2 - centred.height / 2) <= 1
     for bad in (["--eval-every", "0"], ["--speed", "2"], ["--text-layers", "0,last"]):
         with pytest.raises(SystemExit):  # a usage error before the text encoder loads
             probe.parse_args(bad)

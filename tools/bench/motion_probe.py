@@ -2,6 +2,7 @@
 
     python tools/bench/motion_probe.py                       # demo DiT, MiniLM last layer, ~6 min
     python tools/bench/motion_probe.py --text-layers 0,-1    # token embeddings beside it
+    python tools/bench/motion_probe.py --centre-jitter 1     # paths centred +-1 latent px
     python tools/bench/motion_probe.py --tiny                # seconds: the test runs this
 
 Why: the demo DiT learns colour and shape but draws every held-out video still, and a full demo
@@ -11,7 +12,9 @@ This probe removes the VAE and the world's variety: one soft disc in a [4, 9, 12
 at `--speed` latent pixels per latent frame, or stays still, in one of four colours (a fixed
 channel vector each). Captions are the world's detailed captions of that scene ("A video of a
 medium red circle on the left that moves slowly to the right, on a black background."), encoded
-by the real text encoder. The DiT from `--dit-config` trains with the real flow loss
+by the real text encoder; a clip starts anywhere the disc stays MARGIN inside the frame, or, with
+`--centre-jitter`, with its path's midpoint within that many latent pixels of the centre (the
+world's `dataset.path_spread`). The DiT from `--dit-config` trains with the real flow loss
 (`flow.packed_batch_loss`, `--batch` clips a step like the demo's clip stages, AdamW as
 `DiTModule`) and every `--eval-every` steps generates each motion from the centred caption
 (Euler, shifted schedule, no guidance) and reads the disc's centroid travel over the clip:
@@ -75,6 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--shift", type=float, default=4.0, help="timestep shift, train and sample")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--centre-jitter",
+        type=float,
+        default=None,
+        help="latent px the path's midpoint may lie from the centre (default: anywhere it fits)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny DiT, a few steps (for tests)")
     args = parser.parse_args(argv)
@@ -113,7 +122,8 @@ def caption(colour: str, motion: str, start: tuple[float, float], args: Any) -> 
 
 
 def random_start(rng: np.random.Generator, motion: str, args: Any) -> tuple[float, float]:
-    """A start point that keeps the disc's centre MARGIN inside the frame for the whole clip."""
+    """A start point that keeps the disc's centre MARGIN inside the frame for the whole clip, or,
+    with `--centre-jitter`, puts the path's midpoint that close to the frame's centre."""
     travel = args.speed * (args.frames - 1)
     dir_x, dir_y = DIRECTIONS.get(motion, (0, 0))
     low_x, high_x = MARGIN + max(0, -dir_x) * travel, args.width - MARGIN - max(0, dir_x) * travel
@@ -122,7 +132,12 @@ def random_start(rng: np.random.Generator, motion: str, args: Any) -> tuple[floa
         raise ValueError(
             f"--speed {args.speed} moves the disc out of a {args.width}x{args.height} latent"
         )
-    return float(rng.uniform(low_x, high_x)), float(rng.uniform(low_y, high_y))
+    if args.centre_jitter is None:
+        return float(rng.uniform(low_x, high_x)), float(rng.uniform(low_y, high_y))
+    jitter = args.centre_jitter
+    start_x = args.width / 2 - dir_x * travel / 2 + rng.uniform(-jitter, jitter)
+    start_y = args.height / 2 - dir_y * travel / 2 + rng.uniform(-jitter, jitter)
+    return float(start_x), float(start_y)
 
 
 class Captions:
@@ -271,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "text_layers": list(layers),
         "dit_config": str(args.dit_config),
+        "centre_jitter": args.centre_jitter,
         "steps": args.steps,
         "clips_seen": args.steps * args.batch,
         "true_along_px": round(true_travel, 3),
