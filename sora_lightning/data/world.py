@@ -385,8 +385,9 @@ def sample_scene(
     speed_scale multiplies every object's speed (see `ObjectSpec.speed_scale`).
     path_spread (clips only; None: anywhere it fits): each object's path midpoint lies within
     path_spread x (width, height) of the frame's centre. Why: where a clip may start anywhere, its
-    start words ("on the left") predict the direction and its start hides the motion; the CPU demo
-    learns direction words only with paths near the centre (docs/demo-motion-2026-12-07.md).
+    start words ("on the left") predict the direction and its start hides the motion; the motion
+    probe learns direction words in 3,000 clips only with paths near the centre
+    (docs/demo-motion-2026-12-07.md).
     """
     check_path_spread(path_spread)
     if split not in _SPLITS:
