@@ -318,10 +318,11 @@ def _place(
     speed_scale: float = 1.0,
     path_spread: float | None = None,
 ) -> ObjectSpec | None:
-    """Place an object so it stays inside the frame (and, with `path_spread`, its path near the
-    centre); downgrade speed, then size, if needed."""
+    """Place an object so it stays inside the frame (and, with `path_spread`, a clip's translating
+    object's path near the centre); downgrade speed, then size, if needed."""
     colour, shape, motion, size, speed = attrs
     width, height, num_frames = size_res
+    spread = path_spread if motion in _DIRECTIONS and num_frames > 1 else None
     sizes = list(SIZES)[: list(SIZES).index(size) + 1][::-1]
     speeds = [speed] if speed == "slow" else [speed, "slow"]
     dir_x, dir_y = _DIRECTIONS.get(motion, (0, 0))
@@ -329,7 +330,6 @@ def _place(
         extent = _extent_px(shape, size_name, motion, width, height)
         for speed_name in speeds:
             travel = SPEEDS[speed_name] * speed_scale * width * (num_frames - 1)
-            spread = path_spread if motion in _DIRECTIONS else None
             start_x = _fit_start(rng, extent, dir_x * travel, width, spread)
             start_y = _fit_start(rng, extent, dir_y * travel, height, spread)
             if start_x is not None and start_y is not None:
@@ -383,8 +383,8 @@ def sample_scene(
     eval-like clips), "all" has no restriction. `motions` restricts the motion vocabulary (the
     detector's truth check uses EVAL_MOTIONS). resolution: a RESOLUTIONS key, or None for random.
     speed_scale multiplies every object's speed (see `ObjectSpec.speed_scale`).
-    path_spread (clips only; None: anywhere it fits): each object's path midpoint lies within
-    path_spread x (width, height) of the frame's centre. Why: where a clip may start anywhere, its
+    path_spread (None: anywhere it fits): in clips, each translating object's path midpoint lies
+    within path_spread x (width, height) of the frame's centre; other objects and images as before. Why: where a clip may start anywhere, its
     start words ("on the left") predict the direction and its start hides the motion; the motion
     probe learns direction words in 3,000 clips only with paths near the centre
     (docs/demo-motion-2026-12-07.md).
@@ -407,9 +407,8 @@ def sample_scene(
     for _ in range(8 * num_objects):
         if len(objects) == num_objects:
             break
-        spread = path_spread if num_frames > 1 else None
         obj = _sample_object(
-            rng, (width, height, num_frames), split, tuple(motions), speed_scale, spread
+            rng, (width, height, num_frames), split, tuple(motions), speed_scale, path_spread
         )
         if obj is None:
             continue
