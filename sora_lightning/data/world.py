@@ -362,8 +362,11 @@ def _sample_object(
 
 def check_path_spread(path_spread: float | None) -> None:
     """`sample_scene`'s path_spread must be None or in (0, 0.5] (0.5: the whole frame)."""
-    if path_spread is not None and not 0.0 < path_spread <= 0.5:
-        raise ValueError(f"path_spread must be null or in (0, 0.5], got {path_spread}")
+    if path_spread is None:
+        return
+    number = isinstance(path_spread, int | float) and not isinstance(path_spread, bool)
+    if not number or not 0.0 < path_spread <= 0.5:
+        raise ValueError(f"path_spread must be null or in (0, 0.5], got {path_spread!r}")
 
 
 def sample_scene(

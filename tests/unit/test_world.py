@@ -352,6 +352,6 @@ def test_path_spread_centres_translations_and_leaves_the_default_world_unchanged
     assert starts["left"] and starts["right"]
     images = _scenes(50, seed=3, lengths=(1,))
     assert images == _scenes(50, seed=3, lengths=(1,), path_spread=spread)
-    for bad in (0.0, 0.6):
+    for bad in (0.0, 0.6, "abc", True):
         with pytest.raises(ValueError, match="path_spread"):
             _scenes(1, path_spread=bad)
