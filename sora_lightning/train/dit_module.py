@@ -47,10 +47,17 @@ class FlowConfig:
     logit_std: float = 1.0
     resolution_shift: bool = True
     """Shift t by each sample's token count when the stage sets no fixed shift."""
+    motion_weight: float = 0.0
+    """> 0: tokens that change between latent frames weigh up to 1 + this (`flow.motion_weights`)."""
 
     def __post_init__(self) -> None:
         if not self.logit_std > 0:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+        number = isinstance(self.motion_weight, int | float) and not isinstance(
+            self.motion_weight, bool
+        )
+        if not number or self.motion_weight < 0:
+            raise ValueError(f"motion_weight must be a number >= 0, got {self.motion_weight!r}")
 
     @classmethod
     def from_config(cls, values: dict[str, Any] | None) -> FlowConfig:
@@ -206,7 +213,14 @@ class DiTModule(L.LightningModule):
         timesteps = self._timesteps(batch, generator).to(self.device)  # [B]
         noise = torch.randn(batch.x.shape, generator=generator).to(batch.x)  # [L, P]
         sequence = self._sequence_groups.get(degree)
-        loss = flow.packed_batch_loss(self.dit, batch, timesteps, noise, sequence=sequence)
+        loss = flow.packed_batch_loss(
+            self.dit,
+            batch,
+            timesteps,
+            noise,
+            motion_weight=self.flow_cfg.motion_weight,
+            sequence=sequence,
+        )
         # a skipped step logs its NaN: Lightning would repeat the last good value
         with self._profile(LOG_ACTION):
             self._log_step(loss, batch, degree)

@@ -182,6 +182,8 @@ def test_training_timestep_config_names_flow_config_fields() -> None:
     [
         ("+dit_train.flow.logit_mena=-0.5", "logit_mena"),
         ("dit_train.flow.logit_std=0", "logit_std"),
+        ("dit_train.flow.motion_weight=-1", "motion_weight"),
+        ("dit_train.flow.motion_weight=abc", "motion_weight"),
     ],
 )
 def test_bad_flow_config_rejected_at_validation(override: str, message: str) -> None:

@@ -65,3 +65,49 @@ def test_training_shift_gives_images_their_own_shift_in_a_joint_stage() -> None:
     )
     mixed = flow.training_shift(tokens, frames, None, image_shift=2.0)
     assert mixed[0] == 2.0 and mixed[1] == derived[1]
+
+
+def _moving_square(frames: int, step: int) -> torch.Tensor:
+    """[1, frames, 8, 8] latent: a 2x2 block of ones moving `step` px right per frame."""
+    latent = torch.zeros(1, frames, 8, 8)
+    for frame in range(frames):
+        latent[0, frame, 3:5, 1 + frame * step : 3 + frame * step] = 1.0
+    return latent
+
+
+def test_motion_weights_lean_on_moving_tokens_only() -> None:
+    """A moving block's tokens weigh more than the background's; a still clip and an image weigh 1
+    everywhere; strength 0 is the plain loss; weights never pass 1 + strength."""
+    from sora_lightning.data.packing import pack_samples
+
+    latents = [_moving_square(3, 2), _moving_square(3, 0), _moving_square(1, 0)]
+    batch = pack_samples(latents, [torch.zeros(2, 4)] * 3, (1, 1, 1), 10**9)
+    weights = flow.motion_weights(batch.x, batch.cu_seqlens, batch.grid_sizes, 4.0)
+    moving, still, image = weights.split(batch.cu_seqlens.diff().tolist())
+    assert torch.equal(still, torch.ones_like(still)) and torch.equal(image, torch.ones_like(image))
+    grid = moving.view(3, 8, 8)
+    assert grid[:, 3:5].max() == 5.0 and grid[:, :3].max() == 1.0  # on the path vs off it
+    assert weights.max() <= 5.0 and weights.min() == 1.0
+    assert torch.equal(
+        flow.motion_weights(batch.x, batch.cu_seqlens, batch.grid_sizes, 0.0),
+        torch.ones(batch.x.shape[0]),
+    )
+    with pytest.raises(ValueError, match="strength"):
+        flow.motion_weights(batch.x, batch.cu_seqlens, batch.grid_sizes, -1.0)
+
+
+def test_motion_weight_changes_only_clip_losses() -> None:
+    """Through packed_batch_loss: an image-only batch's loss is the same with and without the
+    weight; a moving clip's loss is a different weighted mean."""
+    from sora_lightning.data.packing import pack_samples
+
+    def model(x_t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.zeros_like(x_t)
+
+    for latents, same in (([_moving_square(1, 0)] * 2, True), ([_moving_square(3, 2)], False)):
+        batch = pack_samples(latents, [torch.zeros(2, 4)] * len(latents), (1, 1, 1), 10**9)
+        t = torch.full((len(latents),), 0.5)
+        noise = torch.randn(batch.x.shape, generator=torch.Generator().manual_seed(0))
+        plain = flow.packed_batch_loss(model, batch, t, noise)
+        weighted = flow.packed_batch_loss(model, batch, t, noise, motion_weight=4.0)
+        assert torch.isclose(plain, weighted) == same
