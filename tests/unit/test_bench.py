@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,6 +103,67 @@ def test_motion_probe_reads_true_clips_and_prints_its_curve(
     assert [point["step"] for point in result["curve"]] == [2, 4]
     assert 0 <= result["final"]["direction_acc"] <= 1 and result["clips_seen"] == 12
     assert set(result["final"]["mean_travel"]) == set(probe.MOTIONS)
+
+
+def _write_cache(folder: Path, clips: list[tuple[torch.Tensor, dict[str, str]]]) -> None:
+    """A latent cache in the format `data.latent_cache` writes (one shard, meta.json)."""
+    with tarfile.open(folder / "latents-000000-000000.tar", "w") as archive:
+        for index, (latent, captions) in enumerate(clips):
+            tensors = {"latent": latent, "text_detailed": torch.zeros(3, 384)}
+            for ext, blob in (
+                ("safetensors", safetensors.torch.save(tensors)),
+                ("json", json.dumps({"captions": captions}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{index:06d}.{ext}")
+                info.size = len(blob)
+                archive.addfile(info, io.BytesIO(blob))
+    meta = {
+        "shards": ["latents-000000-000000.tar"],
+        "num_samples": len(clips),
+        "latent_mean": [0.5] * 4,
+        "latent_std": [2.0] * 4,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_motion_probe_trains_on_a_caches_one_object_clips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--cache keeps one-object clips that translate or stay still and are long enough,
+    normalised by the cache's mean/std; --cache-match narrows them by the detailed caption."""
+    probe = load_bench("motion_probe")
+    args = probe.parse_args(["--tiny", "--cache", str(tmp_path)])
+    start = (6.0, 6.0)
+
+    def clip(motion: str, frames: int, short: str) -> tuple[torch.Tensor, dict[str, str]]:
+        latent = probe.disc_latent("red", motion, start, args)[:, :frames] * 2.0 + 0.5
+        detailed = f"A video of a medium red circle that {short.split(' ', 3)[-1]} slowly."
+        return latent, {"short": short, "detailed": detailed}
+
+    _write_cache(
+        tmp_path,
+        [
+            clip("right", 9, "a red circle moves right"),
+            clip("left", 9, "a red circle moves left"),
+            clip("still", 9, "a red circle stays still"),
+            clip("still", 9, "a red circle grows"),  # not a probe motion
+            clip("right", 9, "a red circle moves right and a blue square shrinks"),  # two objects
+            clip("right", 5, "a red circle moves right"),  # shorter than --frames
+        ],
+    )
+    pool = probe.world_clips(args)
+    assert [motion for _, _, motion in pool] == ["right", "left", "still"]
+    assert torch.allclose(pool[0][0], probe.disc_latent("red", "right", start, args), atol=1e-6)
+    matched = probe.world_clips(
+        probe.parse_args(["--tiny", "--cache", str(tmp_path), "--cache-match", "left"])
+    )
+    assert [motion for _, _, motion in matched] == ["left"]
+    capsys.readouterr()
+    result = probe.main(
+        ["--tiny", "--threads", "1", "--cache", str(tmp_path), "--motion-weight", "4"]
+    )
+    assert result["pool_clips"] == 3 and result["motion_weight"] == 4.0
+    assert result["clips_seen"] == 12 and 0 <= result["final"]["direction_acc"] <= 1
 
 
 def test_text_separation_finds_minilm_last_layer_blind_to_direction(

@@ -4,6 +4,7 @@
     python tools/bench/motion_probe.py --text-layers 0,-1    # token embeddings beside it
     python tools/bench/motion_probe.py --centre-jitter 1     # paths centred +-1 latent px
     python tools/bench/motion_probe.py --tiny                # seconds: the test runs this
+    python tools/bench/motion_probe.py --cache runs/demo/cache   # the world's own latents
 
 Why: the demo DiT learns colour and shape but draws every held-out video still, and a full demo
 takes 20 minutes, too slow to tell the text path, the architecture and the data budget apart.
@@ -23,17 +24,28 @@ world's `dataset.path_spread`). The DiT from `--dit-config` trains with the real
   (travel under half the true travel reads as "still"); chance 0.2.
 - `along_px`: mean travel along the captioned direction over the four translations, and
   `along_ratio` = `along_px` over the same reading of a true clip (1.0: motion fully learned).
+
+`--cache DIR` trains on a demo latent cache instead of discs: its one-object clips that move
+left, right, up or down or stay still (`--cache-match REGEX` keeps those whose detailed caption
+matches), normalised as the DiT data does, each step `--batch` of them drawn at random, with
+their detailed captions; generated clips are read the same way (travel of the energy above each
+frame's median) from centred captions of the world's colours and shapes. Why: it tells whether
+the world's data (its variety, its finite clips, the VAE's latents) or the demo's training loop
+keeps the demo from learning what the discs teach in 3,000 clips.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -84,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="latent px the path's midpoint may lie from the centre (default: anywhere it fits)",
     )
+    parser.add_argument("--cache", default=None, help="a latent cache: train on its world clips")
+    parser.add_argument("--cache-match", default=None, help="regex on the detailed caption")
+    parser.add_argument(
+        "--motion-weight", type=float, default=0.0, help="flow loss motion_weight (0: plain)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny DiT, a few steps (for tests)")
     args = parser.parse_args(argv)
@@ -114,10 +131,12 @@ def disc_latent(colour: str, motion: str, start: tuple[float, float], args: Any)
     return torch.from_numpy(latent)
 
 
-def caption(colour: str, motion: str, start: tuple[float, float], args: Any) -> str:
+def caption(
+    colour: str, motion: str, start: tuple[float, float], args: Any, shape: str = "circle"
+) -> str:
     """The world's detailed caption of the same scene (position words from the start point)."""
     x0, y0 = start[0] / args.width, start[1] / args.height
-    obj = world.ObjectSpec("circle", colour, "medium", motion, "slow", x0, y0)
+    obj = world.ObjectSpec(shape, colour, "medium", motion, "slow", x0, y0)
     return world.detailed_caption(world.Scene((obj,), "black", 64, 48, 17, world.FPS))
 
 
@@ -155,9 +174,46 @@ class Captions:
         return self.cache[text]
 
 
+_SHORT_MOTION = re.compile(r"^an? \w+ \w+ (moves (left|right|up|down)|stays still)$")
+
+
+def world_clips(args: Any) -> list[tuple[Tensor, str, str]]:
+    """(latent [C, F, h, w] normalised by the cache's mean/std, detailed caption, motion) of the
+    cache's one-object clips of at least `--frames` latent frames that translate or stay still."""
+    meta = json.loads((Path(args.cache) / "meta.json").read_text())
+    mean = torch.tensor(meta["latent_mean"]).view(-1, 1, 1, 1)
+    std = torch.tensor(meta["latent_std"]).view(-1, 1, 1, 1)
+    records: dict[str, dict[str, bytes]] = {}
+    for shard in meta["shards"]:
+        with tarfile.open(Path(args.cache) / shard) as archive:
+            for member in archive.getmembers():
+                key, ext = member.name.rsplit(".", 1)
+                records.setdefault(key, {})[ext] = archive.extractfile(member).read()
+    clips = []
+    for record in records.values():
+        captions = json.loads(record["json"])["captions"]
+        found = _SHORT_MOTION.match(captions.get("short", ""))
+        if not found or (
+            args.cache_match and not re.search(args.cache_match, captions["detailed"])
+        ):
+            continue
+        latent = safetensors.torch.load(record["safetensors"])["latent"]
+        if latent.shape[1] >= args.frames:
+            motion = found.group(2) or "still"
+            clips.append(((latent[:, : args.frames] - mean) / std, captions["detailed"], motion))
+    if not clips:
+        raise ValueError(
+            f"--cache {args.cache}: no one-object clip of >= {args.frames} latent frames"
+        )
+    return clips
+
+
 def travel(latent: Tensor) -> tuple[float, float]:
-    """Centroid (x, y) travel of the latent's energy, last two frames against the first two."""
-    energy = latent.pow(2).sum(0)  # [F, H, W]
+    """Centroid (x, y) travel of the latent's energy above each frame's per-channel median,
+    last two frames against the first two."""
+    flat = latent.flatten(2)  # [C, F, H*W]
+    energy = (flat - flat.median(dim=2, keepdim=True).values).pow(2).sum(0)
+    energy = energy.view(latent.shape[1:])  # [F, H, W]
     frames, height, width = energy.shape
     grid_y, grid_x = torch.meshgrid(
         torch.arange(height, dtype=torch.float32),
@@ -220,12 +276,13 @@ def evaluate(dit: DiT, captions: Captions, args: Any, true_travel: float) -> dic
     generator = torch.Generator().manual_seed(args.seed + 1234)
     centre = (args.width / 2, args.height / 2)
     hits, along, mean_travel = 0, [], {}
-    colours = list(COLOURS)
+    colours = list(world.COLOURS) if args.cache else list(COLOURS)
     for motion in MOTIONS:
         deltas = []
         for index in range(args.eval_seeds):
-            colour = colours[index % len(colours)]
-            states = captions(caption(colour, motion, centre, args))
+            colour = colours[(index + MOTIONS.index(motion)) % len(colours)]
+            shape = world.SHAPES[index % len(world.SHAPES)] if args.cache else "circle"
+            states = captions(caption(colour, motion, centre, args, shape))
             deltas.append(travel(generate(dit, states, args, generator)))
             hits += read_motion(deltas[-1], true_travel) == motion
             if motion in DIRECTIONS:
@@ -246,7 +303,9 @@ def train_step(dit: DiT, optimizer: torch.optim.Optimizer, batch: list, args: An
     latents, texts = zip(*batch, strict=True)
     packed = pack_samples(list(latents), list(texts), tuple(dit.config.patch_size), 10**9)
     timesteps = flow.shift_timesteps(flow.sample_logit_normal(len(batch)), args.shift)
-    loss = flow.packed_batch_loss(dit, packed, timesteps, torch.randn_like(packed.x))
+    loss = flow.packed_batch_loss(
+        dit, packed, timesteps, torch.randn_like(packed.x), motion_weight=args.motion_weight
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -265,12 +324,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     captions = Captions(encoder)
     dit = build_dit(args, encoder.hidden_size)
     optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    start_point = random_start(np.random.default_rng(0), "right", args)
-    true_travel = travel(disc_latent("red", "right", start_point, args))[0]
+    pool = world_clips(args) if args.cache else []
+    if pool:
+        right = [(travel(latent)[0], "slowly" in text) for latent, text, m in pool if m == "right"]
+        if not right:
+            raise ValueError(f"--cache {args.cache}: no one-object clip moves right to read travel")
+        true_travel = float(np.median([x for x, slow in right if slow] or [x for x, _ in right]))
+    else:
+        start_point = random_start(np.random.default_rng(0), "right", args)
+        true_travel = travel(disc_latent("red", "right", start_point, args))[0]
     curve, losses, started = [], [], time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = []
-        for _ in range(args.batch):
+        for index in rng.integers(len(pool), size=args.batch) if pool else ():
+            latent, text, _ = pool[int(index)]
+            batch.append((latent, captions(text)))
+        for _ in range(0 if pool else args.batch):
             colour, motion = str(rng.choice(list(COLOURS))), str(rng.choice(MOTIONS))
             start = random_start(rng, motion, args)
             batch.append(
@@ -287,6 +356,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "text_layers": list(layers),
         "dit_config": str(args.dit_config),
         "centre_jitter": args.centre_jitter,
+        "cache": args.cache,
+        "cache_match": args.cache_match,
+        "motion_weight": args.motion_weight,
+        "pool_clips": len(pool),
         "steps": args.steps,
         "clips_seen": args.steps * args.batch,
         "true_along_px": round(true_travel, 3),
