@@ -152,12 +152,20 @@ def test_motion_probe_trains_on_a_caches_one_object_clips(
         ],
     )
     pool = probe.world_clips(args)
-    assert [motion for _, _, motion in pool] == ["right", "left", "still"]
+    assert [motion for _, _, motion, _ in pool] == ["right", "left", "still"]
+    assert [slow for *_, slow in pool] == [True, True, True]
     assert torch.allclose(pool[0][0], probe.disc_latent("red", "right", start, args), atol=1e-6)
     matched = probe.world_clips(
         probe.parse_args(["--tiny", "--cache", str(tmp_path), "--cache-match", "left"])
     )
-    assert [motion for _, _, motion in matched] == ["left"]
+    assert [motion for _, _, motion, _ in matched] == ["left"]
+    short = probe.world_clips(
+        probe.parse_args(["--tiny", "--cache", str(tmp_path), "--caption", "short"])
+    )
+    assert [text for _, text, _, _ in short][:2] == [
+        "a red circle moves right",
+        "a red circle moves left",
+    ]
     capsys.readouterr()
     result = probe.main(
         ["--tiny", "--threads", "1", "--cache", str(tmp_path), "--motion-weight", "4"]

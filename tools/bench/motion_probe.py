@@ -28,8 +28,9 @@ world's `dataset.path_spread`). The DiT from `--dit-config` trains with the real
 `--cache DIR` trains on a demo latent cache instead of discs: its one-object clips that move
 left, right, up or down or stay still (`--cache-match REGEX` keeps those whose detailed caption
 matches), normalised as the DiT data does, each step `--batch` of them drawn at random, with
-their detailed captions; generated clips are read the same way (travel of the energy above each
-frame's median) from centred captions of the world's colours and shapes. Why: it tells whether
+their detailed captions (`--caption short`: their short prompts, also when sampling); generated
+clips are read the same way (travel of the energy above each frame's median) from centred
+captions of the world's colours and shapes. Why: it tells whether
 the world's data (its variety, its finite clips, the VAE's latents) or the demo's training loop
 keeps the demo from learning what the discs teach in 3,000 clips.
 """
@@ -101,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--motion-weight", type=float, default=0.0, help="flow loss motion_weight (0: plain)"
     )
+    parser.add_argument(
+        "--caption", choices=("detailed", "short"), default="detailed", help="caption form"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny DiT, a few steps (for tests)")
     args = parser.parse_args(argv)
@@ -134,10 +138,12 @@ def disc_latent(colour: str, motion: str, start: tuple[float, float], args: Any)
 def caption(
     colour: str, motion: str, start: tuple[float, float], args: Any, shape: str = "circle"
 ) -> str:
-    """The world's detailed caption of the same scene (position words from the start point)."""
+    """The world's caption of the same scene (`--caption`: detailed, with position words from the
+    start point, or the short prompt)."""
     x0, y0 = start[0] / args.width, start[1] / args.height
     obj = world.ObjectSpec(shape, colour, "medium", motion, "slow", x0, y0)
-    return world.detailed_caption(world.Scene((obj,), "black", 64, 48, 17, world.FPS))
+    scene = world.Scene((obj,), "black", 64, 48, 17, world.FPS)
+    return world.short_prompt(scene) if args.caption == "short" else world.detailed_caption(scene)
 
 
 def random_start(rng: np.random.Generator, motion: str, args: Any) -> tuple[float, float]:
@@ -177,8 +183,8 @@ class Captions:
 _SHORT_MOTION = re.compile(r"^an? \w+ \w+ (moves (left|right|up|down)|stays still)$")
 
 
-def world_clips(args: Any) -> list[tuple[Tensor, str, str]]:
-    """(latent [C, F, h, w] normalised by the cache's mean/std, detailed caption, motion) of the
+def world_clips(args: Any) -> list[tuple[Tensor, str, str, bool]]:
+    """(latent [C, F, h, w] normalised by the cache's mean/std, `--caption` text, motion, slow) of the
     cache's one-object clips of at least `--frames` latent frames that translate or stay still."""
     meta = json.loads((Path(args.cache) / "meta.json").read_text())
     mean = torch.tensor(meta["latent_mean"]).view(-1, 1, 1, 1)
@@ -200,7 +206,10 @@ def world_clips(args: Any) -> list[tuple[Tensor, str, str]]:
         latent = safetensors.torch.load(record["safetensors"])["latent"]
         if latent.shape[1] >= args.frames:
             motion = found.group(2) or "still"
-            clips.append(((latent[:, : args.frames] - mean) / std, captions["detailed"], motion))
+            slow = "slowly" in captions["detailed"]
+            clips.append(
+                ((latent[:, : args.frames] - mean) / std, captions[args.caption], motion, slow)
+            )
     if not clips:
         raise ValueError(
             f"--cache {args.cache}: no one-object clip of >= {args.frames} latent frames"
@@ -326,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99))
     pool = world_clips(args) if args.cache else []
     if pool:
-        right = [(travel(latent)[0], "slowly" in text) for latent, text, m in pool if m == "right"]
+        right = [(travel(latent)[0], slow) for latent, _, m, slow in pool if m == "right"]
         if not right:
             raise ValueError(f"--cache {args.cache}: no one-object clip moves right to read travel")
         true_travel = float(np.median([x for x, slow in right if slow] or [x for x, _ in right]))
@@ -337,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for step in range(1, args.steps + 1):
         batch = []
         for index in rng.integers(len(pool), size=args.batch) if pool else ():
-            latent, text, _ = pool[int(index)]
+            latent, text, _, _ = pool[int(index)]
             batch.append((latent, captions(text)))
         for _ in range(0 if pool else args.batch):
             colour, motion = str(rng.choice(list(COLOURS))), str(rng.choice(MOTIONS))
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cache": args.cache,
         "cache_match": args.cache_match,
         "motion_weight": args.motion_weight,
+        "caption": args.caption,
         "pool_clips": len(pool),
         "steps": args.steps,
         "clips_seen": args.steps * args.batch,
