@@ -30,9 +30,9 @@ left, right, up or down or stay still (`--cache-match REGEX` keeps those whose d
 matches), normalised as the DiT data does, each step `--batch` of them drawn at random, with
 their detailed captions (`--caption short`: their short prompts, also when sampling); generated
 clips are read the same way (travel of the energy above each frame's median) from centred
-captions of the world's colours and shapes. Why: it tells whether
-the world's data (its variety, its finite clips, the VAE's latents) or the demo's training loop
-keeps the demo from learning what the discs teach in 3,000 clips.
+captions of the world's colours and shapes. Why: it tells whether the world's data (its variety,
+its finite clips, the VAE's latents) or the demo's training loop keeps the demo from learning
+what the discs teach in 3,000 clips.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from sora_lightning.data import world
-from sora_lightning.data.latent_cache import layer_list
+from sora_lightning.data.latent_cache import layer_list, read_cache_meta
 from sora_lightning.data.packing import pack_samples
 from sora_lightning.diffusion import flow
 from sora_lightning.models.dit import DiT, DiTConfig
@@ -180,13 +180,10 @@ class Captions:
         return self.cache[text]
 
 
-_SHORT_MOTION = re.compile(r"^an? \w+ \w+ (moves (left|right|up|down)|stays still)$")
-
-
 def world_clips(args: Any) -> list[tuple[Tensor, str, str, bool]]:
     """(latent [C, F, h, w] normalised by the cache's mean/std, `--caption` text, motion, slow) of the
     cache's one-object clips of at least `--frames` latent frames that translate or stay still."""
-    meta = json.loads((Path(args.cache) / "meta.json").read_text())
+    meta = read_cache_meta(args.cache)
     mean = torch.tensor(meta["latent_mean"]).view(-1, 1, 1, 1)
     std = torch.tensor(meta["latent_std"]).view(-1, 1, 1, 1)
     records: dict[str, dict[str, bytes]] = {}
@@ -198,14 +195,14 @@ def world_clips(args: Any) -> list[tuple[Tensor, str, str, bool]]:
     clips = []
     for record in records.values():
         captions = json.loads(record["json"])["captions"]
-        found = _SHORT_MOTION.match(captions.get("short", ""))
-        if not found or (
+        objects = world.parse_prompt(captions.get("short", "")) or []
+        motion = objects[0]["motion"] if len(objects) == 1 else None
+        if motion not in MOTIONS or (
             args.cache_match and not re.search(args.cache_match, captions["detailed"])
         ):
             continue
         latent = safetensors.torch.load(record["safetensors"])["latent"]
         if latent.shape[1] >= args.frames:
-            motion = found.group(2) or "still"
             slow = "slowly" in captions["detailed"]
             clips.append(
                 ((latent[:, : args.frames] - mean) / std, captions[args.caption], motion, slow)
